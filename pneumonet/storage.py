@@ -1,0 +1,252 @@
+"""Local folders and ``s3://`` URIs behind one small interface (pyarrow filesystems).
+
+S3 settings come from the usual AWS environment: ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``/``AWS_DEFAULT_REGION``, and
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` for MinIO and other S3-compatible servers.
+Credentials are never put into messages or logs; errors name the URI and the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow
+import pyarrow.fs as pafs
+
+from pneumonet.errors import StorageError
+
+S3_SCHEME = "s3://"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file found under a root."""
+
+    uri: str
+    size: int
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith(S3_SCHEME)
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint override, if any (MinIO, moto, a private gateway)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _s3_settings() -> tuple:
+    """The environment that shapes an S3 client; the cache key of :func:`_s3_filesystem`."""
+    names = (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ENDPOINT_URL",
+    )
+    return tuple(os.environ.get(name) for name in names)
+
+
+@lru_cache(maxsize=8)
+def _s3_filesystem(settings: tuple) -> pafs.S3FileSystem:
+    key, secret, token, region, default_region, _, _ = settings
+    kwargs: dict = {
+        "region": region or default_region or "us-east-1",
+        "connect_timeout": 5,
+        "request_timeout": 30,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+    }
+    if key and secret:
+        kwargs.update(access_key=key, secret_key=secret, session_token=token)
+    endpoint = s3_endpoint()
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
+        kwargs["force_virtual_addressing"] = False
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem that holds ``uri`` and the path to pass to it."""
+    uri = str(uri)
+    if is_s3(uri):
+        path = uri[len(S3_SCHEME) :].rstrip("/")
+        if not path:
+            raise StorageError(f"{uri}: an s3:// URI needs a bucket name")
+        return _s3_filesystem(_s3_settings()), path
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a folder or ``s3://`` prefix."""
+    base = str(base)
+    if is_s3(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(base, *parts))
+
+
+def _explain(uri: str, exc: Exception) -> StorageError:
+    text = str(exc)
+    lowered = text.lower()
+    if "access denied" in lowered or "invalidaccesskeyid" in lowered or "signaturedoesnotmatch" in lowered or "forbidden" in lowered:
+        why = "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy"
+    elif "nosuchbucket" in lowered or "bucket does not exist" in lowered:
+        why = "the bucket does not exist"
+    elif "curl" in lowered or "connect" in lowered or "resolve" in lowered or "timeout" in lowered:
+        endpoint = s3_endpoint() or "the default AWS endpoint"
+        why = f"cannot reach the S3 endpoint ({endpoint}); check AWS_ENDPOINT_URL and the network"
+    elif isinstance(exc, FileNotFoundError):
+        why = "no such file or folder"
+    elif isinstance(exc, PermissionError):
+        why = "permission denied"
+    else:
+        why = text.splitlines()[0] if text else type(exc).__name__
+    return StorageError(f"{uri}: {why}")
+
+
+@contextlib.contextmanager
+def _reported(uri: str) -> Iterator[None]:
+    try:
+        yield
+    except StorageError:
+        raise
+    except (OSError, pyarrow.ArrowException) as exc:
+        raise _explain(uri, exc) from None
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with _reported(uri), fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file; local writes go through a temporary file so readers never see half a file."""
+    fs, path = filesystem(uri)
+    with _reported(uri):
+        if is_s3(uri):
+            with fs.open_output_stream(path) as stream:
+                stream.write(data)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, prefix=f".{target.name}.") as tmp:
+            tmp.write(data)
+        os.replace(tmp.name, target)
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    with _reported(uri):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    with _reported(uri):
+        return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    with _reported(uri):
+        fs.create_dir(path, recursive=True)
+
+
+def list_files(uri: str, recursive: bool = True) -> list[FileEntry]:
+    """Every file under a folder or prefix, sorted by URI; hidden files (``.name``) are skipped."""
+    fs, path = filesystem(uri)
+    with _reported(uri):
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"{uri}: no such folder or prefix")
+        if info.type == pafs.FileType.File:
+            return [FileEntry(str(uri), info.size or 0)]
+        selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
+        infos = fs.get_file_info(selector)
+    prefix = S3_SCHEME if is_s3(uri) else ""
+    entries = [
+        FileEntry(prefix + item.path, item.size or 0)
+        for item in infos
+        if item.type == pafs.FileType.File and not any(part.startswith(".") for part in Path(item.path).parts)
+    ]
+    return sorted(entries, key=lambda entry: entry.uri)
+
+
+def delete(uri: str) -> None:
+    """Remove a file or a whole folder/prefix; a missing one is not an error."""
+    fs, path = filesystem(uri)
+    with _reported(uri):
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(path)
+
+
+def upload_dir(local_dir: str | Path, uri: str) -> None:
+    """Copy a local folder's files to a folder or ``s3://`` prefix."""
+    local_dir = Path(local_dir)
+    for file in sorted(local_dir.rglob("*")):
+        if file.is_file():
+            write_bytes(join(uri, *file.relative_to(local_dir).parts), file.read_bytes())
+
+
+def download_dir(uri: str, local_dir: str | Path) -> Path:
+    """Copy a folder or prefix into a local folder and return it."""
+    local_dir = Path(local_dir)
+    fs, root = filesystem(uri)
+    for entry in list_files(uri):
+        _, path = filesystem(entry.uri)
+        target = local_dir / Path(path).relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(read_bytes(entry.uri))
+    return local_dir
+
+
+@contextlib.contextmanager
+def local_path(uri: str) -> Iterator[Path]:
+    """A local path for a file or folder: itself when local, a temporary download for ``s3://``."""
+    if not is_s3(uri):
+        yield Path(uri).expanduser()
+        return
+    with tempfile.TemporaryDirectory(prefix="pneumonet-") as tmp:
+        if is_dir(uri):
+            yield download_dir(uri, Path(tmp) / "dir")
+        else:
+            target = Path(tmp) / Path(uri).name
+            target.write_bytes(read_bytes(uri))
+            yield target
+
+
+def check_access(uri: str, write: bool = False) -> None:
+    """Fail fast, naming the URI, when a location cannot be reached (or written, with ``write``)."""
+    fs, path = filesystem(uri)
+    with _reported(uri):
+        if is_s3(uri):
+            bucket = path.split("/", 1)[0]
+            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise StorageError(f"{uri}: the bucket {bucket!r} does not exist or is not visible with these credentials")
+        if write:
+            probe = join(uri, ".pneumonet-write-probe")
+            write_bytes(probe, b"ok")
+            delete(probe)
+        elif fs.get_file_info(path).type == pafs.FileType.NotFound:
+            raise StorageError(f"{uri}: no such file, folder or prefix")

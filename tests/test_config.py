@@ -1,0 +1,53 @@
+import pytest
+
+from pneumonet.config import dump_config, load_config
+from pneumonet.errors import ConfigError
+
+
+def test_defaults_and_typed_overrides():
+    config = load_config(None, ["train.epochs=3", "model.backbone=ResNet50V2", "train.learning_rate=1e-4"])
+    assert config.train.epochs == 3
+    assert config.model.backbone == "ResNet50V2"
+    assert config.train.learning_rate == pytest.approx(1e-4)
+    assert config.model.weights == "imagenet"
+
+
+def test_yaml_file_then_overrides_win(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 3\ntrain:\n  epochs: 9\n  batch_size: 8\n")
+    config = load_config(path, ["train.epochs=2"])
+    assert (config.seed, config.train.epochs, config.train.batch_size) == (3, 2, 8)
+
+
+def test_round_trip_through_yaml(tmp_path):
+    config = load_config(None, ["distributed.workers=2"])
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("train.epochz=3", "unknown key 'train.epochz'"),
+        ("train.epochs=zero", "'train.epochs'"),
+        ("train.epochs=0", "'train.epochs'"),
+        ("model.backbone=NoSuchNet", "'model.backbone'"),
+        ("data.val_fraction=0.9", "'data.val_fraction'"),
+        ("tracking.mode=sometimes", "'tracking.mode'"),
+        ("nonsense", "key.path=value"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert needle in str(err.value)
+
+
+def test_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)

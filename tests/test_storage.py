@@ -1,0 +1,51 @@
+import pytest
+
+from pneumonet import storage
+from pneumonet.errors import StorageError
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_write_read_list_delete(kind, tmp_path, request):
+    root = str(tmp_path / "root") if kind == "local" else request.getfixturevalue("s3_bucket") + "/prefix"
+    storage.write_bytes(storage.join(root, "a", "x.bin"), b"123")
+    storage.write_text(storage.join(root, "b.txt"), "hello")
+    storage.write_bytes(storage.join(root, ".hidden"), b"skip me")
+    entries = storage.list_files(root)
+    assert [e.uri for e in entries] == [storage.join(root, "a", "x.bin"), storage.join(root, "b.txt")]
+    assert [e.size for e in entries] == [3, 5]
+    assert storage.read_text(storage.join(root, "b.txt")) == "hello"
+    assert storage.exists(storage.join(root, "a", "x.bin"))
+    storage.check_access(root, write=True)
+    storage.delete(storage.join(root, "a"))
+    assert not storage.exists(storage.join(root, "a", "x.bin"))
+
+
+def test_dir_round_trip_through_s3(tmp_path, s3_bucket):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f.txt").write_text("x")
+    storage.upload_dir(src, s3_bucket + "/dir")
+    with storage.local_path(s3_bucket + "/dir") as local:
+        assert (local / "sub" / "f.txt").read_text() == "x"
+
+
+def test_missing_local_path_is_named(tmp_path):
+    with pytest.raises(StorageError, match="nope"):
+        storage.list_files(str(tmp_path / "nope"))
+    with pytest.raises(StorageError, match="no such file"):
+        storage.read_bytes(str(tmp_path / "nope.bin"))
+
+
+def test_missing_bucket_is_named(s3_server):
+    with pytest.raises(StorageError, match="s3://no-such-bucket-xyz"):
+        storage.check_access("s3://no-such-bucket-xyz/data")
+
+
+def test_wrong_credentials_are_a_clear_error(s3_bucket, monkeypatch):
+    # moto accepts any key, so point at a closed port to get a connection failure instead.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    with pytest.raises(StorageError) as err:
+        storage.check_access(s3_bucket + "/data")
+    assert s3_bucket in str(err.value)
+    assert "cannot reach" in str(err.value)
+    assert "testing" not in str(err.value)  # the secret never appears in messages
