@@ -1,0 +1,1 @@
+"""Data: catalog, patient split, the shared image decoder, input pipelines, synthetic data."""

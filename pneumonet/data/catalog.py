@@ -1,0 +1,179 @@
+"""Find the images of a dataset and turn file names into labels, subtypes and patient ids.
+
+Two naming conventions exist in the wild:
+
+* the original release: ``person1000_bacteria_2931.jpeg``, ``person12_virus_44.jpeg`` (pneumonia),
+  ``IM-0115-0001.jpeg`` and ``NORMAL2-IM-0007-0001.jpeg`` (normal);
+* the "version 3" release: ``(NORMAL|BACTERIA|VIRUS)-<patient id>-<image number>.jpeg``.
+
+The folder (``NORMAL/`` or ``PNEUMONIA/``) is the label; the name gives subtype and patient, which
+the validation split needs so that no patient sits on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pneumonet import storage
+from pneumonet.data.images import is_image_name
+from pneumonet.errors import DataError
+
+log = logging.getLogger(__name__)
+
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+SPLITS = ("train", "val", "test")
+MANIFEST_COLUMNS = ("uri", "split", "label", "subtype", "patient_id", "bytes", "error")
+
+# The original release also has a few four-part names (IM-0429-0001-0002, person447_virus_921_1).
+_ORIGINAL_PNEUMONIA = re.compile(r"^(person\d+)_(bacteria|virus)_\d+(?:_\d+)?$", re.IGNORECASE)
+_ORIGINAL_NORMAL = re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+(?:-\d+)?$", re.IGNORECASE)
+_VERSION3 = re.compile(r"^(NORMAL|BACTERIA|VIRUS)-(\d+)-\d+$", re.IGNORECASE)
+_IGNORED_FOLDERS = {"__macosx"}
+
+
+@dataclass(frozen=True)
+class ParsedName:
+    """What a file name says about an image."""
+
+    label: str | None  # None when the name does not say (then the folder decides)
+    subtype: str  # normal | bacteria | virus | unknown
+    patient_id: str
+
+
+def parse_name(filename: str) -> ParsedName | None:
+    """Parse either naming convention; ``None`` for a name that follows neither."""
+    stem = PurePosixPath(filename).stem
+    if match := _ORIGINAL_PNEUMONIA.match(stem):
+        return ParsedName("PNEUMONIA", match.group(2).lower(), match.group(1).lower())
+    if match := _ORIGINAL_NORMAL.match(stem):
+        return ParsedName("NORMAL", "normal", match.group(1).upper())
+    if match := _VERSION3.match(stem):
+        kind = match.group(1).lower()
+        label = "NORMAL" if kind == "normal" else "PNEUMONIA"
+        return ParsedName(label, kind, match.group(2))
+    return None
+
+
+def _locate(relative: PurePosixPath) -> tuple[str, str] | None:
+    """(split, class) from the innermost ``<split>/<CLASS>/`` pair of folders in a relative path."""
+    folders = [part.lower() for part in relative.parts[:-1]]
+    if any(part in _IGNORED_FOLDERS for part in folders):
+        return None
+    for i in range(len(folders) - 2, -1, -1):
+        if folders[i] in SPLITS and folders[i + 1].upper() in CLASS_NAMES:
+            return folders[i], folders[i + 1].upper()
+    return None
+
+
+def describe_entry(root: str, uri: str, size: int) -> dict | None:
+    """One manifest row for a file, or ``None`` when the file is outside the split/class layout."""
+    root_path = storage.filesystem(root)[1]
+    relative = PurePosixPath(storage.filesystem(uri)[1]).relative_to(root_path)
+    place = _locate(relative)
+    if place is None:
+        return None
+    split, folder_label = place
+    row = {"uri": uri, "split": split, "label": folder_label, "bytes": int(size), "error": None}
+    parsed = parse_name(relative.name)
+    if parsed is None:
+        row["subtype"] = "normal" if folder_label == "NORMAL" else "unknown"
+        row["patient_id"] = relative.stem  # unknown convention: each image is its own patient
+    else:
+        row["subtype"], row["patient_id"] = parsed.subtype, parsed.patient_id
+        if parsed.label != folder_label:
+            row["error"] = f"file name says {parsed.label} ({parsed.subtype}) but the file is in {folder_label}/"
+    if not is_image_name(relative.name):
+        row["error"] = "not an image file (unknown extension)"
+    elif size == 0:
+        row["error"] = "empty file (0 bytes)"
+    return row
+
+
+def scan(root: str) -> pd.DataFrame:
+    """Catalog every file under ``<split>/<CLASS>/`` folders below ``root`` (local or ``s3://``).
+
+    Files that cannot be used (wrong extension, empty, label conflict) stay in the manifest with an
+    ``error`` so they are counted and reported, never silently dropped.
+    """
+    entries = storage.list_files(root)
+    rows = [row for entry in entries if (row := describe_entry(root, entry.uri, entry.size)) is not None]
+    if not any(row["error"] is None for row in rows):
+        raise DataError(
+            f"{root}: no usable images found; expected the Kaggle layout "
+            "<root>/{train,test,val}/{NORMAL,PNEUMONIA}/*.jpeg"
+        )
+    frame = pd.DataFrame(rows).reindex(columns=list(MANIFEST_COLUMNS))
+    frame["bytes"] = frame["bytes"].astype("int64")
+    bad = frame[frame["error"].notna()]
+    if len(bad):
+        listing = "; ".join(f"{u}: {e}" for u, e in zip(bad["uri"][:10], bad["error"][:10], strict=True))
+        more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+        log.warning("skipping %d unusable files: %s%s", len(bad), listing, more)
+    return frame.reset_index(drop=True)
+
+
+def usable(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The rows without an error."""
+    return manifest[manifest["error"].isna()].reset_index(drop=True)
+
+
+def require_classes(manifest: pd.DataFrame, split: str, root: str = "dataset") -> pd.DataFrame:
+    """The usable rows of one split, or a clear error when the split or a class is missing."""
+    rows = usable(manifest)
+    rows = rows[rows["split"] == split]
+    if rows.empty:
+        raise DataError(f"{root}: the {split}/ split has no usable images")
+    missing = [name for name in CLASS_NAMES if not (rows["label"] == name).any()]
+    if missing:
+        raise DataError(f"{root}: {split}/ has no {' or '.join(missing)} images (expected {split}/{missing[0]}/*.jpeg)")
+    return rows.reset_index(drop=True)
+
+
+def labels_of(frame: pd.DataFrame):
+    """0 for NORMAL, 1 for PNEUMONIA, as int32."""
+    return (frame["label"] == "PNEUMONIA").to_numpy().astype("int32")
+
+
+def write_manifest(manifest: pd.DataFrame, uri: str) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(manifest, preserve_index=False), buffer)
+    storage.write_bytes(uri, buffer.getvalue())
+
+
+def read_manifest(uri: str) -> pd.DataFrame:
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pandas()
+
+
+def manifest_digest(manifest: pd.DataFrame) -> str:
+    """A content digest of what a model was trained on (file, size, label, split), for lineage."""
+    digest = hashlib.sha256()
+    for row in manifest.sort_values("uri").itertuples(index=False):
+        digest.update(f"{row.uri}\t{row.bytes}\t{row.label}\t{row.split}\n".encode())
+    return digest.hexdigest()
+
+
+def summarize(manifest: pd.DataFrame) -> dict:
+    """Counts per split: images per class and subtype, patients, and unusable files."""
+    summary: dict[str, dict[str, int]] = {}
+    rows = usable(manifest)
+    for split in [s for s in (*SPLITS,) if (manifest["split"] == s).any()]:
+        part = rows[rows["split"] == split]
+        summary[split] = {
+            "NORMAL": int((part["label"] == "NORMAL").sum()),
+            "PNEUMONIA": int((part["label"] == "PNEUMONIA").sum()),
+            "BACTERIA": int((part["subtype"] == "bacteria").sum()),
+            "VIRUS": int((part["subtype"] == "virus").sum()),
+            "UNKNOWN_SUBTYPE": int((part["subtype"] == "unknown").sum()),
+            "patients": int(part["patient_id"].nunique()),
+            "unusable": int(((manifest["split"] == split) & manifest["error"].notna()).sum()),
+        }
+    return summary

@@ -1,0 +1,103 @@
+"""From manifest rows to model-ready tensors.
+
+Images are decoded once (by the shared decoder, in parallel threads) into a compact uint8 array:
+a grayscale 224 px image is 50 KB, so the 5,216 training images fit in 260 MB and every epoch
+after the first costs no decoding at all. Augmentation runs in tf.data on the fly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from pneumonet.config import AugmentConfig, DataConfig
+from pneumonet.data.catalog import labels_of
+from pneumonet.data.images import load_many
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of one split with their labels; ``failures`` lists files that could not be used."""
+
+    images: np.ndarray  # (N, S, S, 1) uint8
+    labels: np.ndarray  # (N,) int32, 1 = PNEUMONIA
+    rows: pd.DataFrame  # the manifest rows of the images, in order
+    failures: dict[str, str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_image_set(rows: pd.DataFrame, size: int, data: DataConfig, progress: str | None = None) -> ImageSet:
+    """Decode the images of ``rows``; unreadable files are skipped with one warning that lists them."""
+    result = load_many(
+        rows["uri"].tolist(), size, workers=data.decode_workers, max_pixels=data.max_image_pixels, progress=progress
+    )
+    if result.failures:
+        listing = "; ".join(f"{uri}: {why}" for uri, why in list(result.failures.items())[:10])
+        more = f" (and {len(result.failures) - 10} more)" if len(result.failures) > 10 else ""
+        log.warning("skipped %d unreadable images: %s%s", len(result.failures), listing, more)
+    kept = rows.iloc[result.ok].reset_index(drop=True)
+    return ImageSet(result.images, labels_of(kept), kept, dict(result.failures))
+
+
+def limit_per_class(rows: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
+    """At most ``limit`` rows per (split, label), drawn reproducibly; for quick runs on big archives."""
+    if limit is None:
+        return rows
+    return (
+        rows.groupby(["split", "label"], group_keys=False)
+        .apply(lambda part: part.sample(n=min(limit, len(part)), random_state=seed))
+        .reset_index(drop=True)
+    )
+
+
+def augmentation(cfg: AugmentConfig, seed: int) -> keras.Sequential:
+    """Small geometric and photometric changes a radiograph can plausibly show (values stay in [0, 255])."""
+    steps: list[keras.layers.Layer] = []
+    if cfg.rotation:
+        steps.append(keras.layers.RandomRotation(cfg.rotation, fill_mode="constant", seed=seed))
+    if cfg.shift:
+        steps.append(keras.layers.RandomTranslation(cfg.shift, cfg.shift, fill_mode="constant", seed=seed + 1))
+    if cfg.zoom:
+        steps.append(keras.layers.RandomZoom(cfg.zoom, fill_mode="constant", seed=seed + 2))
+    if cfg.brightness:
+        steps.append(keras.layers.RandomBrightness(cfg.brightness, value_range=(0.0, 255.0), seed=seed + 3))
+    if cfg.contrast:
+        steps.append(keras.layers.RandomContrast(cfg.contrast, value_range=(0.0, 255.0), seed=seed + 4))
+    if cfg.horizontal_flip:
+        steps.append(keras.layers.RandomFlip("horizontal", seed=seed + 5))
+    return keras.Sequential(steps, name="augmentation")
+
+
+def training_dataset(
+    inputs: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, augment: AugmentConfig | None = None
+) -> tf.data.Dataset:
+    """Shuffled batches of (float32 inputs, float32 labels), augmented when ``augment`` is given.
+
+    ``inputs`` are images (N, S, S, 1) or cached backbone features (N, D).
+    """
+    dataset = tf.data.Dataset.from_tensor_slices((inputs, labels.astype("float32")))
+    dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if augment is not None:
+        layers = augmentation(augment, seed)
+        if layers.layers:
+            dataset = dataset.map(
+                lambda x, y: (tf.clip_by_value(layers(x, training=True), 0.0, 255.0), y),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def inference_batches(inputs: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    """Ordered float32 batches for prediction."""
+    dataset = tf.data.Dataset.from_tensor_slices(inputs).batch(batch_size)
+    return dataset.map(lambda x: tf.cast(x, tf.float32)).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,133 @@
+import pandas as pd
+import pytest
+
+from pneumonet import storage
+from pneumonet.data.catalog import (
+    manifest_digest,
+    parse_name,
+    read_manifest,
+    require_classes,
+    scan,
+    summarize,
+    write_manifest,
+)
+from pneumonet.data.split import assign_validation
+from pneumonet.errors import DataError
+
+
+@pytest.mark.parametrize(
+    ("name", "label", "subtype", "patient"),
+    [
+        ("person1000_bacteria_2931.jpeg", "PNEUMONIA", "bacteria", "person1000"),
+        ("person1_virus_6.jpeg", "PNEUMONIA", "virus", "person1"),
+        ("IM-0115-0001.jpeg", "NORMAL", "normal", "IM-0115"),
+        ("NORMAL2-IM-0007-0001.jpeg", "NORMAL", "normal", "NORMAL2-IM-0007"),
+        ("BACTERIA-7422-0001.jpeg", "PNEUMONIA", "bacteria", "7422"),
+        ("VIRUS-1010277-0002.png", "PNEUMONIA", "virus", "1010277"),
+        ("NORMAL-1003233-0001.jpeg", "NORMAL", "normal", "1003233"),
+        ("normal-28-0001.JPEG", "NORMAL", "normal", "28"),
+        ("IM-0429-0001-0002.jpeg", "NORMAL", "normal", "IM-0429"),
+        ("NORMAL2-IM-0429-0001-0002.jpeg", "NORMAL", "normal", "NORMAL2-IM-0429"),
+        ("person447_virus_921_1.jpeg", "PNEUMONIA", "virus", "person447"),
+    ],
+)
+def test_both_naming_conventions(name, label, subtype, patient):
+    parsed = parse_name(name)
+    assert (parsed.label, parsed.subtype, parsed.patient_id) == (label, subtype, patient)
+
+
+@pytest.mark.parametrize("name", ["scan.jpeg", "person_bacteria.jpeg", "IM-0115.jpeg", "FUNGUS-1-0001.jpeg"])
+def test_unknown_names_are_not_guessed(name):
+    assert parse_name(name) is None
+
+
+def _touch(root, relative, data=b"\xff\xd8fake"):
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def test_nested_and_odd_layouts(tmp_path):
+    root = tmp_path / "kaggle"
+    _touch(root, "chest_xray/train/NORMAL/IM-0001-0001.jpeg")
+    _touch(root, "chest_xray/train/PNEUMONIA/person1_bacteria_1.jpeg")
+    _touch(root, "chest_xray/Test/normal/NORMAL-5-0001.jpeg")  # case-insensitive folders
+    _touch(root, "chest_xray/test/PNEUMONIA/sub/VIRUS-9-0001.jpeg")  # deeper nesting
+    _touch(root, "__MACOSX/chest_xray/train/NORMAL/._IM-0001-0001.jpeg")
+    _touch(root, "chest_xray/train/NORMAL/notes.txt", b"hello")
+    _touch(root, "chest_xray/train/NORMAL/IM-0002-0001.jpeg", b"")
+    _touch(root, "chest_xray/train/NORMAL/person3_virus_4.jpeg")  # label conflict
+    _touch(root, "README.md", b"x")
+    manifest = scan(str(root))
+    ok = manifest[manifest["error"].isna()]
+    assert sorted(ok["split"]) == ["test", "test", "train", "train"]
+    errors = dict(zip(manifest["uri"].map(lambda u: u.rsplit("/", 1)[1]), manifest["error"], strict=True))
+    assert errors["notes.txt"] == "not an image file (unknown extension)"
+    assert errors["IM-0002-0001.jpeg"] == "empty file (0 bytes)"
+    assert "says PNEUMONIA" in errors["person3_virus_4.jpeg"]
+    assert summarize(manifest)["train"]["unusable"] == 3
+
+
+def test_scan_of_synthetic_data(synthetic_root):
+    manifest = scan(str(synthetic_root))
+    summary = summarize(manifest)
+    assert set(summary) == {"train", "val", "test"}
+    train = summary["train"]
+    assert train["NORMAL"] > 0 and train["PNEUMONIA"] == train["BACTERIA"] + train["VIRUS"]
+    assert 0 < train["patients"] < train["NORMAL"] + train["PNEUMONIA"]  # several images per patient
+    assert manifest["error"].isna().all()
+
+
+def test_empty_folder_and_missing_class(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no usable images"):
+        scan(str(tmp_path / "empty"))
+    _touch(tmp_path, "one/train/NORMAL/IM-0001-0001.jpeg")
+    manifest = scan(str(tmp_path / "one"))
+    with pytest.raises(DataError, match="no PNEUMONIA images"):
+        require_classes(manifest, "train", "one")
+
+
+def test_patient_split_never_leaks_and_keeps_ratio(synthetic_root):
+    manifest = scan(str(synthetic_root))
+    rows = assign_validation(manifest, val_fraction=0.2, seed=1)
+    train, val = rows[rows["split"] == "train"], rows[rows["split"] == "val"]
+    assert not set(train["patient_id"]) & set(val["patient_id"])
+    assert len(val) > 0 and set(val["label"]) == {"NORMAL", "PNEUMONIA"}
+    pool = rows[rows["split"].isin(["train", "val"])]
+    ratio = (pool["label"] == "PNEUMONIA").mean()
+    assert abs((val["label"] == "PNEUMONIA").mean() - ratio) < 0.2
+    assert (rows["split"] == "test").sum() == (manifest["split"] == "test").sum()
+    again = assign_validation(manifest, val_fraction=0.2, seed=1)
+    pd.testing.assert_frame_equal(rows, again)
+    other = assign_validation(manifest, val_fraction=0.2, seed=2)
+    assert set(other[other["split"] == "val"]["uri"]) != set(val["uri"])
+
+
+def test_split_on_a_larger_layout_is_stratified(tmp_path):
+    # 60 normal patients (1 image), 60 pneumonia patients (3 images each)
+    rows = []
+    for p in range(60):
+        rows.append({"uri": f"n{p}", "split": "train", "label": "NORMAL", "subtype": "normal", "patient_id": f"IM-{p}", "bytes": 1, "error": None})
+        for i in range(3):
+            rows.append({"uri": f"p{p}-{i}", "split": "train", "label": "PNEUMONIA", "subtype": "bacteria", "patient_id": f"person{p}", "bytes": 1, "error": None})
+    split = assign_validation(pd.DataFrame(rows), 0.2, seed=0)
+    val = split[split["split"] == "val"]
+    assert val.groupby("label")["patient_id"].nunique().to_dict() == {"NORMAL": 12, "PNEUMONIA": 12}
+
+
+def test_manifest_round_trip_local_and_s3(synthetic_root, tmp_path, s3_bucket):
+    manifest = scan(str(synthetic_root))
+    for uri in (str(tmp_path / "m.parquet"), s3_bucket + "/m.parquet"):
+        write_manifest(manifest, uri)
+        back = read_manifest(uri)
+        assert manifest_digest(back) == manifest_digest(manifest)
+        assert list(back.columns) == ["uri", "split", "label", "subtype", "patient_id", "bytes", "error"]
+
+
+def test_scan_s3_prefix(synthetic_root, s3_bucket):
+    storage.upload_dir(synthetic_root, s3_bucket + "/xray")
+    local = scan(str(synthetic_root))
+    remote = scan(s3_bucket + "/xray")
+    assert summarize(remote) == summarize(local)
+    assert remote["uri"].str.startswith(s3_bucket + "/xray/").all()
