@@ -66,7 +66,7 @@ class ModelConfig(_Strict):
     def _known_backbone(cls, name: str) -> str:
         import keras
 
-        if not hasattr(keras.applications, name):
+        if not callable(getattr(keras.applications, name, None)):
             raise ValueError(f"unknown keras.applications model {name!r}")
         return name
 

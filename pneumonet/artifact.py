@@ -1,0 +1,248 @@
+"""The model artifact: the only thing scoring and serving know of training.
+
+An artifact is a folder or ``s3://`` prefix with two files:
+
+- ``model.keras``: the whole Keras model; it takes (N, S, S, 1) float32 pixels in [0, 255] and does its
+  own normalisation, so nothing else is needed to score.
+- ``pneumonet.json``: metadata (input contract, threshold, class names, metrics, config, versions).
+
+``pneumonet.json`` is written last and removed first when an artifact is overwritten, so a folder
+whose upload was interrupted is never loadable. ``version`` is the first 12 hex digits of the
+SHA-256 of ``model.keras`` and is checked on load, so a model swapped under its metadata is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import pneumonet
+from pneumonet import storage
+from pneumonet.config import Config
+from pneumonet.errors import ArtifactError, StorageError
+from pneumonet.models.layers import preprocess_module  # importing it also registers the layers load_model needs
+
+MODEL_FILE = "model.keras"
+META_FILE = "pneumonet.json"
+FORMAT_VERSION = 1
+CLASS_NAMES = ["NORMAL", "PNEUMONIA"]
+REQUIRED_KEYS = ("format_version", "variant", "image_size", "threshold", "class_names", "version", "name")
+INPUT_CONTRACT = {"channels": 1, "dtype": "uint8", "resize": "bilinear", "color": "grayscale", "range": [0, 255]}
+
+
+def _digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()[:12]
+
+
+@dataclass
+class Artifact:
+    """A loaded artifact: the Keras model, its metadata and where it came from."""
+
+    model: keras.Model
+    meta: dict[str, Any]
+    uri: str
+    _forward: Any = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        model = self.model
+
+        # One traced graph for every batch size: no per-call overhead of model.predict, no retracing.
+        @tf.function(input_signature=[tf.TensorSpec((None, size, size, 1), tf.uint8)])
+        def forward(images: tf.Tensor) -> tf.Tensor:
+            return tf.reshape(tf.cast(model(tf.cast(images, tf.float32), training=False), tf.float32), [-1])
+
+        self._forward = forward
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["threshold"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def name(self) -> str:
+        return str(self.meta["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self.meta["version"])
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """P(PNEUMONIA) for decoded images (N, S, S, 1) uint8, as a float32 array of shape (N,)."""
+        size = self.image_size
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[1:] != (size, size, 1):
+            raise ValueError(f"artifact {self.name} expects images of shape (N, {size}, {size}, 1), got {images.shape}")
+        if images.dtype != np.uint8:
+            raise ValueError(f"artifact {self.name} expects uint8 images (from the shared decoder), got {images.dtype}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        starts = range(0, len(images), batch_size)
+        parts = [self._forward(images[start : start + batch_size]).numpy() for start in starts]
+        return np.concatenate(parts) if parts else np.empty((0,), np.float32)
+
+
+def save_artifact(model: keras.Model, meta: dict[str, Any], uri: str) -> str:
+    """Write ``model`` and ``meta`` (plus ``version`` and, if absent, ``name``) to a folder or prefix.
+
+    Returns the artifact URI (an absolute path when local).
+    """
+    uri = str(uri) if storage.is_s3(str(uri)) else str(Path(uri).expanduser().absolute())
+    meta = dict(meta)
+    with tempfile.TemporaryDirectory(prefix="pneumonet-artifact-") as tmp:
+        model_path = Path(tmp) / MODEL_FILE
+        model.save(model_path)
+        meta["version"] = _digest(model_path)
+        meta.setdefault("name", f"pneumonet-{meta.get('variant', model.name)}-{meta['version']}")
+        text = json.dumps(meta, indent=2, sort_keys=True)
+        storage.delete(storage.join(uri, META_FILE))
+        storage.write_bytes(storage.join(uri, MODEL_FILE), model_path.read_bytes())
+    storage.write_text(storage.join(uri, META_FILE), text + "\n")
+    return uri
+
+
+def _read_meta(uri: str) -> dict[str, Any]:
+    meta_uri = storage.join(uri, META_FILE)
+    if not storage.exists(meta_uri):
+        raise ArtifactError(f"artifact {uri} is incomplete: {META_FILE} is missing (was the save interrupted?)")
+    try:
+        meta = json.loads(storage.read_text(meta_uri))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"artifact {uri}: {META_FILE} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"artifact {uri}: {META_FILE} must hold a JSON object")
+    missing = [key for key in REQUIRED_KEYS if key not in meta]
+    if missing:
+        raise ArtifactError(f"artifact {uri}: {META_FILE} lacks required keys {', '.join(missing)}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ArtifactError(
+            f"artifact {uri} has format_version {meta['format_version']!r}; this pneumonet "
+            f"{pneumonet.__version__} reads format_version {FORMAT_VERSION}"
+        )
+    if not isinstance(meta["image_size"], int) or meta["image_size"] < 1:
+        raise ArtifactError(f"artifact {uri}: image_size must be a positive integer, got {meta['image_size']!r}")
+    names = meta["class_names"]
+    if not isinstance(names, list) or len(names) != 2 or not all(isinstance(name, str) for name in names):
+        raise ArtifactError(f"artifact {uri}: class_names must be two strings, got {names!r}")
+    threshold = meta["threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise ArtifactError(f"artifact {uri}: threshold must be a number in [0, 1], got {threshold!r}")
+    return meta
+
+
+def load_artifact(uri: str) -> Artifact:
+    """Load and check an artifact; every defect is an :class:`ArtifactError` naming ``uri``."""
+    uri = str(uri)
+    try:
+        if not storage.is_dir(uri):
+            raise ArtifactError(f"artifact {uri} does not exist (no such folder or prefix)")
+        meta = _read_meta(uri)
+        model_uri = storage.join(uri, MODEL_FILE)
+        if not storage.exists(model_uri):
+            raise ArtifactError(f"artifact {uri} is incomplete: {MODEL_FILE} is missing")
+        with storage.local_path(model_uri) as path:
+            digest = _digest(path)
+            if digest != meta["version"]:
+                raise ArtifactError(
+                    f"artifact {uri}: {MODEL_FILE} (sha256 {digest}…) does not match version {meta['version']} "
+                    f"in {META_FILE}; the model was replaced or corrupted"
+                )
+            try:
+                model = keras.saving.load_model(str(path), compile=False)
+            except Exception as exc:  # Keras raises many types for a bad archive; all mean "unloadable".
+                raise ArtifactError(
+                    f"artifact {uri}: {MODEL_FILE} cannot be loaded ({type(exc).__name__}: {exc})"
+                ) from exc
+    except StorageError as exc:
+        raise ArtifactError(f"artifact {uri} cannot be read: {exc}") from exc
+    size = meta["image_size"]
+    if tuple(model.input_shape) != (None, size, size, 1):
+        raise ArtifactError(
+            f"artifact {uri}: the model takes input {model.input_shape}, but {META_FILE} says image_size {size}"
+        )
+    return Artifact(model=model, meta=meta, uri=uri)
+
+
+def _package_versions() -> dict[str, str]:
+    versions = {
+        "pneumonet": pneumonet.__version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        versions["ray"] = importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return versions
+
+
+def build_metadata(
+    *,
+    variant: str,
+    config: Config,
+    threshold: float,
+    val_metrics: dict[str, Any],
+    manifest_digest: str | None,
+    history: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``pneumonet.json`` content for a trained model (``version``/``name`` are added on save)."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    model_cfg = config.model
+    if variant == "custom":
+        backbone = None
+        preprocessing = "in-graph: Rescaling(1/255) of grayscale pixels"
+    else:
+        backbone = model_cfg.backbone
+        preprocessing = (
+            f"in-graph: GrayscaleToRGB, then keras.applications.{preprocess_module(backbone)}.preprocess_input "
+            f"for {backbone}"
+        )
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "variant": variant,
+        "backbone": backbone,
+        "image_size": model_cfg.image_size,
+        "input": dict(INPUT_CONTRACT),
+        "preprocessing": preprocessing,
+        "class_names": list(CLASS_NAMES),
+        "positive_class": CLASS_NAMES[1],
+        "threshold": float(threshold),
+        "threshold_policy": config.train.threshold.model_dump(mode="json"),
+        "val_metrics": val_metrics,
+        "manifest_digest": manifest_digest,
+        "config": config.model_dump(mode="json"),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "packages": _package_versions(),
+        "history": history,
+    }
+    clashes = sorted(set(extra or {}) & set(meta))
+    if clashes:
+        raise ValueError(f"extra metadata may not replace standard keys: {', '.join(clashes)}")
+    meta.update(extra or {})
+    return meta

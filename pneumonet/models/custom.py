@@ -1,0 +1,67 @@
+"""A from-scratch CNN in the style of keras-io's "Pneumonia classification" example.
+
+Design, for 2 CPU cores at 224 px: the first block uses plain 3x3 convolutions (one input channel
+makes a separable conv pointless, and fine edges matter at full resolution); every later block uses
+depthwise-separable convolutions, which cost ~1/8 of a plain conv at these widths. With the default
+filters [32, 64, 128, 256] that is 1.47 GFLOPs per 224 px image versus 5.1 GFLOPs for plain
+convolutions everywhere (same depth and receptive field); measured on 2 shared CPU cores, training runs
+at ~15 images/s versus ~5. Making block 1 separable too saves FLOPs but not time (depthwise convs on
+CPU are memory-bound at 224x224x32). BatchNorm after every conv makes training with a 1e-3 learning
+rate stable; global average pooling (not Flatten) keeps the head small and the model usable at any
+``image_size``.
+"""
+
+from __future__ import annotations
+
+from itertools import count
+
+import keras
+from keras import layers
+
+from pneumonet.config import ModelConfig
+
+
+def build_custom(cfg: ModelConfig, seed: int) -> keras.Model:
+    """The uncompiled custom CNN, named "custom"; the same ``seed`` gives the same initial weights."""
+    seeds = count(seed)
+    reg = keras.regularizers.L2(cfg.l2) if cfg.l2 > 0 else None
+
+    def he() -> keras.initializers.Initializer:
+        return keras.initializers.HeNormal(seed=next(seeds))
+
+    def conv_bn_relu(x, filters: int, name: str, separable: bool):
+        if separable:
+            # No L2 on depthwise kernels: 9 weights per channel, decaying them only hurts (MobileNet).
+            x = layers.SeparableConv2D(
+                filters, 3, padding="same", use_bias=False, depthwise_initializer=he(),
+                pointwise_initializer=he(), pointwise_regularizer=reg, name=f"{name}_sepconv",
+            )(x)
+        else:
+            x = layers.Conv2D(
+                filters, 3, padding="same", use_bias=False, kernel_initializer=he(), kernel_regularizer=reg,
+                name=f"{name}_conv",
+            )(x)
+        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        return layers.ReLU(name=f"{name}_relu")(x)
+
+    image = keras.Input((cfg.image_size, cfg.image_size, 1), name="image")
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(image)
+    for block, filters in enumerate(cfg.custom_filters, start=1):
+        separable = block > 1
+        x = conv_bn_relu(x, filters, f"block{block}a", separable)
+        x = conv_bn_relu(x, filters, f"block{block}b", separable)
+        x = layers.MaxPooling2D(2, padding="same", name=f"block{block}_pool")(x)  # "same": odd sizes never reach 0
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = layers.Dropout(cfg.dropout, seed=next(seeds), name="dropout_features")(x)
+    x = layers.Dense(
+        cfg.custom_dense_units, activation="relu", kernel_initializer=he(), kernel_regularizer=reg, name="dense"
+    )(x)
+    x = layers.Dropout(cfg.dropout, seed=next(seeds), name="dropout_dense")(x)
+    output = layers.Dense(
+        1,
+        activation="sigmoid",
+        dtype="float32",
+        kernel_initializer=keras.initializers.GlorotUniform(seed=next(seeds)),
+        name="probability",
+    )(x)
+    return keras.Model(image, output, name="custom")
