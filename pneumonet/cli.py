@@ -1,0 +1,199 @@
+"""The ``pneumonet`` command: a thin door that parses arguments and calls into the library.
+
+Heavy imports (TensorFlow, Ray) happen inside the commands so that ``--help`` is instant.
+Errors a user can cause print one line and exit 1; ``-v`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+log = logging.getLogger("pneumonet")
+
+VARIANT_CHOICES = ("custom", "transfer", "finetune", "all")
+
+
+def _fmt(value: float | None) -> str:
+    """Three decimals, or a dash for a metric that is undefined (e.g. ROC-AUC with one class)."""
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _headline(metrics: dict) -> str:
+    return (
+        f"accuracy {_fmt(metrics['accuracy'])}  ROC-AUC {_fmt(metrics['roc_auc'])}  "
+        f"sensitivity {_fmt(metrics['sensitivity'])}  specificity {_fmt(metrics['specificity'])}"
+    )
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def cmd_data_summary(args: argparse.Namespace) -> None:
+    from pneumonet.data.catalog import scan, summarize
+    from pneumonet.data.explore import plot_class_distribution, plot_sample_grid
+
+    manifest = scan(args.data)
+    summary = summarize(manifest)
+    if args.json:
+        _print_json({"root": args.data, "splits": summary})
+    else:
+        print(f"dataset {args.data}")
+        print(f"{'split':<6} {'NORMAL':>7} {'PNEUMONIA':>9} {'bacteria':>9} {'virus':>6} {'patients':>9} {'unusable':>9}")
+        for split, c in summary.items():
+            print(f"{split:<6} {c['NORMAL']:>7} {c['PNEUMONIA']:>9} {c['BACTERIA']:>9} {c['VIRUS']:>6} {c['patients']:>9} {c['unusable']:>9}")
+    if args.plot:
+        plot_class_distribution(summary, args.plot)
+        log.info("class distribution written to %s", args.plot)
+    if args.grid:
+        plot_sample_grid(manifest, args.grid, seed=args.seed)
+        log.info("sample grid written to %s", args.grid)
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from pneumonet.data.synthetic import synthesize_dataset
+
+    root = synthesize_dataset(args.out, n=args.n, size=args.size, seed=args.seed)
+    print(f"synthetic dataset written to {root}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from pneumonet.config import VARIANTS, load_config
+    from pneumonet.training.variants import train_variants
+
+    config = load_config(args.config, args.overrides)
+    root = args.data or config.data.root
+    if not root:
+        from pneumonet.errors import ConfigError
+
+        raise ConfigError("no dataset: pass --data DATA or set data.root in the config")
+    variants = list(VARIANTS) if args.variant == "all" else [args.variant]
+    summaries = train_variants(config, variants, root, args.out)
+    for variant, summary in summaries.items():
+        figures = summary.get("test") or summary["val"]
+        which = "test" if "test" in summary else "val"
+        print(f"{variant:<9} {which} {_headline(figures)}  → {summary['artifact']}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from pneumonet.evaluation.run import evaluate_artifact
+
+    metrics = evaluate_artifact(args.model, args.data, args.split, args.out)
+    print(f"n {metrics['n']}  {_headline(metrics)}  (threshold {metrics['threshold']:.3f} from validation) → {args.out}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from pneumonet.scoring.predict import predict_files
+
+    results = predict_files(args.model, args.images)
+    if args.json:
+        _print_json(results)
+    else:
+        for row in results:
+            if row["error"]:
+                print(f"{row['uri']}: ERROR {row['error']}")
+            else:
+                print(f"{row['uri']}: {row['prediction']}  p(PNEUMONIA)={row['probability']:.3f}")
+    if any(row["error"] for row in results):
+        sys.exit(1)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from pneumonet.demo import run_demo
+
+    report = run_demo(args.out, args.overrides)
+    print(f"demo report: {report}")
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pneumonet", description="Pneumonia detection on chest X-rays.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = commands.add_parser("data", help="explore or synthesize datasets").add_subparsers(
+        dest="data_command", required=True, metavar="SUBCOMMAND"
+    )
+    summary = data.add_parser("summary", help="counts per split, class, subtype and patients")
+    summary.add_argument("data", help="dataset root (folder or s3://bucket/prefix)")
+    summary.add_argument("--json", action="store_true", help="machine-readable output")
+    summary.add_argument("--plot", help="write a class-distribution PNG here")
+    summary.add_argument("--grid", help="write a PNG grid of sample images here")
+    summary.add_argument("--seed", type=int, default=0, help="which samples the grid shows")
+    summary.set_defaults(func=cmd_data_summary)
+
+    synth = data.add_parser("synth", help="write a synthetic chest-X-ray-like dataset in the Kaggle layout")
+    synth.add_argument("out", help="output folder")
+    synth.add_argument("--n", type=int, default=200, help="training images")
+    synth.add_argument("--size", type=int, default=128, help="image side in pixels")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_data_synth)
+
+    train = commands.add_parser("train", help="train one variant or all three")
+    train.add_argument("--variant", choices=VARIANT_CHOICES, default="all")
+    train.add_argument("--data", help="dataset root (default: data.root from the config)")
+    train.add_argument("--out", required=True, help="output folder or s3:// prefix for the model artifacts")
+    _add_train_options(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="metrics and plots of a model artifact on a dataset split")
+    evaluate.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")
+    evaluate.add_argument("--data", required=True, help="dataset root")
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
+    evaluate.add_argument("--out", required=True, help="where metrics.json and the PNGs go")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = commands.add_parser("predict", help="score a few image files")
+    predict.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or s3:// URIs")
+    predict.add_argument("--json", action="store_true", help="machine-readable output")
+    predict.set_defaults(func=cmd_predict)
+
+    demo = commands.add_parser("demo", help="synthesize data, train all three variants briefly, write a report")
+    demo.add_argument("--out", default="pneumonet-demo", help="output folder (default: ./pneumonet-demo)")
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides on top of configs/demo")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("absl", "tensorflow", "h5py", "matplotlib", "PIL", "urllib3", "botocore", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    from pneumonet.errors import PneumonetError
+
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except PneumonetError as exc:
+        if args.verbose:
+            log.exception("failed")
+        print(f"pneumonet: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("pneumonet: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

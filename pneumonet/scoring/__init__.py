@@ -1,0 +1,1 @@
+"""Scoring: a few files at hand, whole archives with Ray Data, and the online endpoint's logic."""

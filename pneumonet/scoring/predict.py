@@ -1,0 +1,28 @@
+"""Score a handful of image files with a model artifact (the ``pneumonet predict`` command)."""
+
+from __future__ import annotations
+
+from pneumonet.artifact import Artifact, load_artifact
+from pneumonet.data.images import load_many
+
+
+def decide(probability: float, threshold: float) -> str:
+    """The class name for a probability at the artifact's threshold."""
+    return "PNEUMONIA" if probability >= threshold else "NORMAL"
+
+
+def predict_files(model_uri: str, uris: list[str], artifact: Artifact | None = None) -> list[dict]:
+    """One result per input, in order: probability and prediction, or the reason it could not be scored."""
+    artifact = artifact or load_artifact(model_uri)
+    loaded = load_many(uris, artifact.image_size)
+    probs = artifact.predict_proba(loaded.images) if len(loaded.ok) else []
+    by_index = dict(zip(loaded.ok, probs, strict=True))
+    results = []
+    for i, uri in enumerate(uris):
+        row = {"uri": uri, "probability": None, "prediction": None, "threshold": artifact.threshold,
+               "model": f"{artifact.name}:{artifact.version}", "error": loaded.failures.get(uri)}  # fmt: skip
+        if i in by_index:
+            row["probability"] = float(by_index[i])
+            row["prediction"] = decide(row["probability"], artifact.threshold)
+        results.append(row)
+    return results

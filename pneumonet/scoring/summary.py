@@ -1,0 +1,75 @@
+"""The end-of-job summary of a scoring output: counts, failures, throughput and score distribution.
+
+It is computed from the output's parts (all runs, so a resumed job reports the whole output) and
+written next to them as ``_summary.json`` and ``_histogram.png``; the leading underscore keeps
+both out of ``pandas.read_parquet(output)`` and pyarrow dataset discovery.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from matplotlib.figure import Figure
+
+from pneumonet import storage
+from pneumonet.scoring.parts import read_parts
+
+SUMMARY_FILE = "_summary.json"
+HISTOGRAM_FILE = "_histogram.png"
+BINS = 20
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+
+
+def summarize_output(output: str) -> dict[str, Any]:
+    """Counts and the probability distribution over every row in ``output``'s parts."""
+    tables = read_parts(output, ["uri", "probability", "prediction", "error"])
+    table = pa.concat_tables(tables) if tables else None
+    files = table.num_rows if table else 0
+    failures = table.column("error").drop_null().to_pylist() if table else []
+    probs = table.column("probability").drop_null().to_numpy().astype(np.float64) if table else np.empty(0)
+    predictions = Counter(table.column("prediction").drop_null().to_pylist()) if table else Counter()
+    counts, edges = np.histogram(probs, bins=BINS, range=(0.0, 1.0))
+    return {
+        "files": files,
+        "unique_uris": len(set(table.column("uri").to_pylist())) if table else 0,
+        "scored": int(probs.size),
+        "failures": len(failures),
+        "predictions": dict(sorted(predictions.items())),
+        "probability": {
+            "mean": float(probs.mean()) if probs.size else None,
+            "quantiles": {f"p{round(q * 100):02d}": float(np.quantile(probs, q)) if probs.size else None for q in QUANTILES},
+            "histogram": {"edges": [round(float(e), 4) for e in edges], "counts": counts.tolist()},
+        },
+        "failure_examples": failures[:20],
+    }
+
+
+def histogram_png(summary: dict[str, Any], threshold: float, title: str) -> bytes:
+    """A bar chart of the probability histogram with the decision threshold marked."""
+    hist = summary["probability"]["histogram"]
+    edges = np.asarray(hist["edges"])
+    # A bare Figure (not pyplot): no global figure registry, no backend switch (as in evaluation.plots).
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.add_subplot()
+    ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", color="#4c72b0", edgecolor="white")
+    ax.axvline(threshold, color="#c44e52", linestyle="--", label=f"threshold {threshold:.3f}")
+    ax.set_xlabel("P(PNEUMONIA)")
+    ax.set_ylabel("images")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper center")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_summary(output: str, summary: dict[str, Any], threshold: float, title: str) -> None:
+    summary = {**summary, "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    storage.write_text(storage.join(output, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
+    storage.write_bytes(storage.join(output, HISTOGRAM_FILE), histogram_png(summary, threshold, title))

@@ -1,0 +1,1 @@
+"""Training: the epoch loop and the per-variant stages."""
