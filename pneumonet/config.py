@@ -58,6 +58,9 @@ class ModelConfig(_Strict):
     head_units: int = Field(256, ge=0, description="Hidden units in the new head (0: none).")
     custom_filters: list[int] = Field([32, 64, 128, 256], min_length=1)
     custom_dense_units: int = Field(128, ge=8)
+    bn_momentum: float = Field(
+        0.99, gt=0.0, lt=1.0, description="BatchNorm momentum of the custom CNN; 0.9 for runs under ~5 epochs."
+    )
     l2: float = Field(1e-4, ge=0.0, description="L2 weight decay on the custom CNN's kernels.")
     finetune_layers: int = Field(30, ge=1, description="Unfreeze this many layers at the end of the backbone.")
 

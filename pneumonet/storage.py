@@ -97,7 +97,7 @@ def join(base: str, *parts: str) -> str:
 def _explain(uri: str, exc: Exception) -> StorageError:
     text = str(exc)
     lowered = text.lower()
-    if "access denied" in lowered or "invalidaccesskeyid" in lowered or "signaturedoesnotmatch" in lowered or "forbidden" in lowered:
+    if "access denied" in lowered or "access_denied" in lowered or "invalidaccesskeyid" in lowered or "signaturedoesnotmatch" in lowered or "forbidden" in lowered:
         why = "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy"
     elif "nosuchbucket" in lowered or "bucket does not exist" in lowered:
         why = "the bucket does not exist"

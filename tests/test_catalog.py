@@ -131,3 +131,13 @@ def test_scan_s3_prefix(synthetic_root, s3_bucket):
     remote = scan(s3_bucket + "/xray")
     assert summarize(remote) == summarize(local)
     assert remote["uri"].str.startswith(s3_bucket + "/xray/").all()
+
+
+def test_limit_per_class_keeps_columns_and_caps_each_class(synthetic_root):
+    from pneumonet.data.pipeline import limit_per_class
+
+    rows = assign_validation(scan(str(synthetic_root)), val_fraction=0.2, seed=1)
+    limited = limit_per_class(rows, 3, seed=0)
+    assert list(limited.columns) == list(rows.columns)
+    assert limited.groupby(["split", "label"]).size().max() == 3
+    assert set(limited["split"]) == set(rows["split"])

@@ -52,11 +52,8 @@ def limit_per_class(rows: pd.DataFrame, limit: int | None, seed: int) -> pd.Data
     """At most ``limit`` rows per (split, label), drawn reproducibly; for quick runs on big archives."""
     if limit is None:
         return rows
-    return (
-        rows.groupby(["split", "label"], group_keys=False)
-        .apply(lambda part: part.sample(n=min(limit, len(part)), random_state=seed))
-        .reset_index(drop=True)
-    )
+    shuffled = rows.sample(frac=1.0, random_state=seed)
+    return shuffled.groupby(["split", "label"]).head(limit).reset_index(drop=True)
 
 
 def augmentation(cfg: AugmentConfig, seed: int) -> keras.Sequential:
@@ -85,7 +82,9 @@ def training_dataset(
     ``inputs`` are images (N, S, S, 1) or cached backbone features (N, D).
     """
     dataset = tf.data.Dataset.from_tensor_slices((inputs, labels.astype("float32")))
-    dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    # Dropping the ragged last batch keeps one traced step shape and spares BatchNorm a batch of one.
+    drop = len(labels) > batch_size
+    dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).batch(batch_size, drop_remainder=drop)
     dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     if augment is not None:
         layers = augmentation(augment, seed)

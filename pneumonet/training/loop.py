@@ -1,19 +1,44 @@
-"""The epoch loop shared by local and distributed training.
+"""The train step and epoch loop, the same in one process and in every Ray Train worker.
 
-It uses an explicit train step run through ``strategy.run`` rather than ``model.fit``: the same
-code then works with the default strategy in one process and with
-``MultiWorkerMirroredStrategy`` under Ray Train, where Keras 3's ``fit`` breaks
-(keras-team/keras#20585). Model selection is on validation ROC-AUC, the metric the threshold and
-the clinicians care about, not on loss.
+Why not ``model.fit``: under ``MultiWorkerMirroredStrategy`` (MWMS) Keras 3's ``fit`` fails with
+"Attempt to convert a value (PerReplica…)" (keras-team/keras#20585, ray-project/ray#47464). This
+loop runs an explicit step through ``strategy.run``; with the default strategy (one process, tests,
+benchmarks) the same code is a plain training loop. What makes it correct under MWMS:
+
+- The caller builds the model inside ``strategy.scope()`` and :class:`Fitter` creates its optimizer
+  there: variables become mirrored, their initial values are broadcast from worker 0, and Keras's
+  optimizer all-reduces (sums) the gradients across all replicas before every update.
+- Each worker feeds its own shard (Ray Data split the data already). The shard goes through
+  ``distribute_datasets_from_function``, which does not shard again; ``experimental_distribute_dataset``
+  would auto-shard every worker's shard a second time and silently drop half of it.
+- ``batch_size`` is per replica. Per-example losses are summed and divided by the *global* batch
+  (``batch_size × replicas``), regularisation losses by the number of replicas, so the summed gradients
+  equal those of one big batch.
+- Every worker runs the same number of steps per epoch (the minimum over workers): a worker that
+  stopped early would leave the others waiting in an all-reduce forever.
+- BatchNormalization moving statistics are *not* aggregated by Keras 3 (its variables have
+  aggregation NONE, each replica updates its own copy, silently). :func:`sync_moving_statistics`
+  averages them over replicas after every epoch; the moving average is linear, so this equals
+  per-step mean aggregation, and every rank ends the epoch with bit-identical weights.
+- Loss, accuracy and images seen are summed over replicas; validation predictions of every shard are
+  gathered before ROC-AUC is computed. All ranks see the same global figures and so take the same
+  early-stopping decision.
+- float16: a ``LossScaleOptimizer``. Keras decides per replica whether gradients are finite; replicas
+  that disagree would deadlock (one skips the all-reduce inside the update), so the step makes the
+  decision global first (:meth:`Fitter._replica_step`).
+
+Model selection is on validation ROC-AUC, the metric the threshold and the clinicians care about.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import keras
 import numpy as np
@@ -22,28 +47,51 @@ from sklearn.metrics import roc_auc_score
 
 from pneumonet.config import AugmentConfig
 from pneumonet.data.pipeline import inference_batches, training_dataset
+from pneumonet.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class FitState:
-    """Everything needed to pick up after the last finished epoch."""
+    """Everything needed to pick up after the last finished epoch (checkpointed every epoch)."""
 
     epoch: int = 0  # epochs completed
     best_auc: float = -math.inf
     best_epoch: int = 0
     best_weights: list[np.ndarray] | None = None
     history: dict[str, list[float]] = field(default_factory=dict)
+    resumed_from: list[int] = field(default_factory=list)  # epochs a restart continued after
 
     def record(self, **values: float) -> None:
         for key, value in values.items():
             self.history.setdefault(key, []).append(float(value))
 
+    def to_json(self) -> dict[str, Any]:
+        """The state without the weights (those are stored as arrays beside it)."""
+        return {
+            "epoch": self.epoch,
+            "best_auc": None if math.isinf(self.best_auc) else self.best_auc,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+            "resumed_from": self.resumed_from,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FitState:
+        best = data.get("best_auc")
+        return cls(
+            epoch=int(data["epoch"]),
+            best_auc=-math.inf if best is None else float(best),
+            best_epoch=int(data["best_epoch"]),
+            history={key: [float(v) for v in values] for key, values in data["history"].items()},
+            resumed_from=[int(e) for e in data.get("resumed_from", [])],
+        )
+
 
 @dataclass(frozen=True)
 class FitSettings:
-    """Knobs of one training stage."""
+    """Knobs of one training stage; ``batch_size`` is per replica."""
 
     epochs: int
     batch_size: int
@@ -54,6 +102,7 @@ class FitSettings:
     label_smoothing: float = 0.0
     augment: AugmentConfig | None = None
     steps_per_epoch: int | None = None
+    loss_scale: bool = False  # float16 mixed precision
 
 
 def balanced_class_weight(labels: np.ndarray) -> tuple[float, float]:
@@ -93,19 +142,114 @@ def predict_probabilities(model: keras.Model, inputs: np.ndarray, batch_size: in
     return predict_batches(model, inputs, batch_size).reshape(-1).astype("float64")
 
 
+# --- collectives over workers (identity with one worker) -----------------------------------------
+
+
+def worker_position(strategy: tf.distribute.Strategy) -> tuple[int, int]:
+    """(this worker's index, number of workers) from the strategy's cluster (``TF_CONFIG``)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    if not spec or resolver.task_type is None:
+        return 0, 1
+    return int(resolver.task_id), len(spec[resolver.task_type])
+
+
+def _local_replicas(strategy: tf.distribute.Strategy) -> int:
+    """Replicas in this process (GPUs of a worker); the default strategy has one."""
+    return strategy.num_replicas_in_sync // worker_position(strategy)[1]
+
+
+def all_sum(strategy: tf.distribute.Strategy, array: np.ndarray) -> np.ndarray:
+    """Element-wise sum over workers of one array per worker (float64, exact when adding zeros)."""
+    if strategy.num_replicas_in_sync == 1:
+        return np.asarray(array, dtype="float64")
+    value = tf.constant(np.asarray(array, dtype="float64"))
+    local = _local_replicas(strategy)
+    # Only the first replica of each worker contributes; the others add zeros.
+    per_replica = strategy.experimental_distribute_values_from_function(
+        lambda ctx: value if ctx.replica_id_in_sync_group % local == 0 else tf.zeros_like(value)
+    )
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
+
+
+def gather_rows(strategy: tf.distribute.Strategy, rows: np.ndarray) -> np.ndarray:
+    """Every worker's rows (any number, even none), concatenated in worker order, on every worker."""
+    rows = np.asarray(rows, dtype="float64")
+    if strategy.num_replicas_in_sync == 1:
+        return rows
+    rank, world = worker_position(strategy)
+    counts = np.zeros(world)
+    counts[rank] = len(rows)
+    counts = all_sum(strategy, counts).astype(int)
+    buffer = np.zeros((int(counts.sum()), *rows.shape[1:]))
+    start = int(counts[:rank].sum())
+    buffer[start : start + len(rows)] = rows
+    return all_sum(strategy, buffer)
+
+
+def agree_min(strategy: tf.distribute.Strategy, value: int) -> int:
+    """The smallest of one integer per worker."""
+    return int(gather_rows(strategy, np.array([[value]])).min())
+
+
+def _moving_statistics(model: keras.Model) -> list[keras.Variable]:
+    """Moving mean/variance of BatchNormalization layers that train (frozen ones never update)."""
+    found: list[keras.Variable] = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found += _moving_statistics(layer)
+        elif isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
+            found += [layer.moving_mean, layer.moving_variance]
+    return found
+
+
+def sync_moving_statistics(strategy: tf.distribute.Strategy, model: keras.Model) -> None:
+    """Average BatchNorm moving statistics over all replicas (see the module docstring)."""
+    variables = _moving_statistics(model)
+    if strategy.num_replicas_in_sync == 1 or not variables:
+        return
+    average = getattr(model, "_pneumonet_sync", None)
+    if average is None:
+
+        @tf.function
+        def average():
+            def replica_mean():
+                context = tf.distribute.get_replica_context()
+                return context.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(v.value) for v in variables])
+
+            means = strategy.run(replica_mean)
+            for variable, mean in zip(variables, means, strict=True):
+                variable.assign(strategy.experimental_local_results(mean)[0])
+
+        model._pneumonet_sync = average
+    average()
+
+
+def weights_digest(model: keras.Model) -> str:
+    """A short hash of all weights: equal digests on two ranks mean bit-identical models."""
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()[:16]
+
+
+# --- the step ------------------------------------------------------------------------------------
+
+
 class Fitter:
-    """Owns the optimizer and the compiled train step of one model."""
+    """Owns the optimizer and the compiled distributed train step of one model."""
 
     def __init__(self, model: keras.Model, settings: FitSettings, strategy: tf.distribute.Strategy | None = None):
         self.model = model
         self.settings = settings
         self.strategy = strategy or tf.distribute.get_strategy()
         with self.strategy.scope():
-            self.optimizer = keras.optimizers.Adam(learning_rate=settings.learning_rate)
+            optimizer = keras.optimizers.Adam(learning_rate=settings.learning_rate)
+            self.optimizer = keras.optimizers.LossScaleOptimizer(optimizer) if settings.loss_scale else optimizer
         self._step = tf.function(self._distributed_step, reduce_retracing=True)
 
     def _replica_step(self, x, y, global_batch):
-        w0, w1 = self.settings.class_weight
+        w0, w1 = (float(w) for w in self.settings.class_weight)
         with tf.GradientTape() as tape:
             probs = tf.cast(self.model(x, training=True), tf.float32)
             per_example = keras.losses.binary_crossentropy(
@@ -115,7 +259,13 @@ class Fitter:
             loss = tf.reduce_sum(per_example * weights) / global_batch
             if self.model.losses:
                 loss += tf.add_n(self.model.losses) / self.strategy.num_replicas_in_sync
-        grads = tape.gradient(loss, self.model.trainable_variables)
+            scaled = self.optimizer.scale_loss(loss) if self.settings.loss_scale else loss
+        grads = tape.gradient(scaled, self.model.trainable_variables)
+        if self.settings.loss_scale:
+            # One global verdict on finiteness, so every replica takes the same LossScaleOptimizer branch.
+            bad = tf.add_n([tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32)) for g in grads if g is not None])
+            bad = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, bad)
+            grads = [None if g is None else tf.where(bad > 0, tf.fill(tf.shape(g), math.nan), g) for g in grads]
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables, strict=True))
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.cast(tf.reshape(probs, [-1]) >= 0.5, tf.float32), y), tf.float32))
         return loss * global_batch, correct, tf.cast(tf.size(y), tf.float32)
@@ -124,13 +274,13 @@ class Fitter:
         results = self.strategy.run(self._replica_step, args=(x, y, global_batch))
         return [self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in results]
 
-    def train_epoch(self, dataset: tf.data.Dataset, global_batch: int) -> tuple[float, float, int]:
-        """One pass over ``dataset``; returns (mean weighted loss, accuracy, images seen) over all replicas."""
+    def train_epoch(self, dataset, steps: int, global_batch: int) -> tuple[float, float, int]:
+        """``steps`` steps over a distributed dataset; (mean weighted loss, accuracy, images) over all replicas."""
         loss_sum = correct = seen = 0.0
         batch = tf.constant(float(global_batch))
-        for step, (x, y) in enumerate(dataset):
-            if self.settings.steps_per_epoch and step >= self.settings.steps_per_epoch:
-                break
+        iterator = iter(dataset)
+        for _ in range(steps):
+            x, y = next(iterator)
             step_loss, step_correct, step_seen = self._step(x, y, batch)
             loss_sum += float(step_loss)
             correct += float(step_correct)
@@ -146,7 +296,29 @@ def validation_scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]
     return {"val_loss": float(loss), "val_accuracy": float(np.mean((probs >= 0.5) == labels)), "val_roc_auc": float(auc)}
 
 
+def global_validation(
+    model: keras.Model, val: tuple[np.ndarray, np.ndarray], batch_size: int, strategy: tf.distribute.Strategy
+) -> dict[str, float]:
+    """Validation figures over every worker's shard: predictions are gathered, then scored once."""
+    local = np.stack([val[1].astype("float64"), predict_probabilities(model, val[0], batch_size)], axis=1)
+    everything = gather_rows(strategy, local.reshape(-1, 2))
+    return validation_scores(everything[:, 0], everything[:, 1])
+
+
 EpochHook = Callable[[Fitter, FitState, dict[str, float]], None]
+
+
+def _steps_per_epoch(strategy: tf.distribute.Strategy, n_local: int, settings: FitSettings) -> int:
+    """Steps every worker can run: full batches (or one short batch for a tiny shard), minimum over workers."""
+    replicas = _local_replicas(strategy)
+    batches = n_local // settings.batch_size if n_local > settings.batch_size else int(n_local > 0)
+    steps = agree_min(strategy, batches // replicas)
+    if steps < 1:
+        raise DataError(
+            f"a training shard holds only {n_local} images, too few for {replicas} batch(es) of {settings.batch_size}: "
+            "use fewer workers or a smaller train.batch_size"
+        )
+    return min(steps, settings.steps_per_epoch or steps)
 
 
 def fit(
@@ -162,14 +334,19 @@ def fit(
 ) -> FitState:
     """Train with early stopping on validation ROC-AUC and leave the best weights in ``model``.
 
-    ``state`` resumes after its last epoch (restore the model and optimizer first); ``on_epoch_end``
-    sees every epoch's figures, e.g. to checkpoint or to log to W&B.
+    ``train`` and ``val`` are this worker's shard (everything, in one process). ``state`` resumes after
+    its last epoch (restore the model and optimizer first); ``on_epoch_end`` sees every epoch's global
+    figures, e.g. to checkpoint.
     """
     state = state or FitState()
     fitter = fitter or Fitter(model, settings, strategy)
-    replicas = fitter.strategy.num_replicas_in_sync
-    dataset = training_dataset(train[0], train[1], settings.batch_size, settings.seed + state.epoch, settings.augment)
-    dataset = fitter.strategy.experimental_distribute_dataset(dataset) if replicas > 1 else dataset
+    strategy = fitter.strategy
+    rank, _ = worker_position(strategy)
+    steps = _steps_per_epoch(strategy, len(train[1]), settings)
+    global_batch = settings.batch_size * strategy.num_replicas_in_sync
+    # Shuffling and augmentation differ per worker (its own seed), and continue after a restart.
+    local = training_dataset(train[0], train[1], settings.batch_size, settings.seed + 7919 * rank + state.epoch, settings.augment)
+    dataset = strategy.distribute_datasets_from_function(lambda _: local)
     for epoch in range(state.epoch, settings.epochs):
         if state.epoch - state.best_epoch >= settings.patience and state.best_weights is not None:
             log.info("early stop: no better validation ROC-AUC for %d epochs", settings.patience)
@@ -177,9 +354,10 @@ def fit(
         learning_rate = cosine_learning_rate(settings.learning_rate, epoch, settings.epochs)
         fitter.optimizer.learning_rate.assign(learning_rate)
         started = time.perf_counter()
-        loss, accuracy, seen = fitter.train_epoch(dataset, settings.batch_size * replicas)
+        loss, accuracy, seen = fitter.train_epoch(dataset, steps, global_batch)
+        sync_moving_statistics(strategy, model)
         seconds = time.perf_counter() - started
-        scores = validation_scores(val[1], predict_probabilities(model, val[0], settings.batch_size))
+        scores = global_validation(model, val, settings.batch_size, strategy)
         figures = {
             "epoch": epoch + 1,
             "loss": loss,
@@ -188,6 +366,7 @@ def fit(
             "learning_rate": learning_rate,
             "epoch_seconds": seconds,
             "images_per_second": seen / seconds if seconds > 0 else 0.0,
+            "images": seen,
         }
         state.epoch = epoch + 1
         state.record(**{k: v for k, v in figures.items() if k != "epoch"})

@@ -1,0 +1,254 @@
+"""Single-process training pieces (the loop every Ray worker runs) and the `pneumonet train` command."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import REPO
+
+from pneumonet import storage
+from pneumonet.artifact import build_metadata, load_artifact, save_artifact
+from pneumonet.cli import main
+from pneumonet.config import load_config
+from pneumonet.models.transfer import find_backbone
+from pneumonet.training import loop
+from pneumonet.training.checkpoint import restore_checkpoint, save_checkpoint
+from pneumonet.training.loop import (
+    FitSettings,
+    FitState,
+    Fitter,
+    balanced_class_weight,
+    fit,
+)
+from pneumonet.training.runs import load_latest_artifact, resolve_artifact_uri
+from pneumonet.training.variants import (
+    build_stage,
+    prepare_data,
+    stage_settings,
+    train_stage,
+)
+
+TINY = [
+    "model.image_size=32",
+    "model.custom_filters=[8,16]",
+    "model.custom_dense_units=8",
+    "model.backbone=MobileNet",
+    "model.weights=none",
+    "model.head_units=8",
+    "model.finetune_layers=4",
+    "train.batch_size=8",
+    "train.epochs=1",
+    "train.finetune_epochs=1",
+    "train.steps_per_epoch=1",
+    "data.decode_workers=2",
+]
+
+
+@pytest.fixture(scope="module")
+def data(synthetic_root):
+    return prepare_data(load_config(None, TINY), str(synthetic_root))
+
+
+@pytest.fixture(scope="module")
+def transfer_uri(data, tmp_path_factory) -> str:
+    """A saved (untrained) transfer model to finetune from."""
+    config = load_config(None, TINY)
+    model = build_stage("transfer", config).model
+    meta = build_metadata(variant="transfer", config=config, threshold=0.5, val_metrics={}, manifest_digest=data.digest)
+    return save_artifact(model, meta, str(tmp_path_factory.mktemp("transfer") / "artifact"))
+
+
+def _scripted_validation(monkeypatch, aucs: list[float]) -> None:
+    """Make fit() see these validation ROC-AUCs, one per epoch."""
+    scores = iter(aucs)
+    monkeypatch.setattr(
+        loop, "global_validation", lambda *_: {"val_loss": 0.5, "val_accuracy": 0.5, "val_roc_auc": next(scores)}
+    )
+
+
+def _toy(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, activation="sigmoid")])
+
+
+def _toy_data(n: int = 32):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 2)).astype("float32"), (np.arange(n) % 2).astype("int32")
+
+
+@pytest.mark.parametrize(
+    "variant, extra", [("custom", []), ("transfer", []), ("transfer", ["train.cache_features=false"]), ("finetune", [])]
+)
+def test_each_variant_trains_a_step(data, transfer_uri, variant, extra):
+    config = load_config(None, [*TINY, *extra])
+    before = build_stage(variant, config, transfer_uri)
+    model, state = train_stage(variant, config, data, transfer_uri if variant == "finetune" else None)
+    assert state.epoch == 1 and state.history["images"] == [8.0]
+    changed = [not np.array_equal(a, b) for a, b in zip(before.model.get_weights(), model.get_weights(), strict=True)]
+    assert any(changed)
+    if variant == "transfer":  # the frozen backbone (and its BatchNorm statistics) never move
+        frozen = find_backbone(model).get_weights()
+        assert all(np.array_equal(a, b) for a, b in zip(find_backbone(before.model).get_weights(), frozen, strict=True))
+
+
+def test_finetune_unfreezes_only_the_last_layers_and_no_batchnorm(transfer_uri):
+    config = load_config(None, TINY)
+    stage = build_stage("finetune", config, transfer_uri)
+    backbone = find_backbone(stage.model)
+    tail = {id(layer) for layer in backbone.layers[-config.model.finetune_layers :]}
+    trainable = [layer for layer in backbone.layers if layer.trainable and layer.trainable_weights]
+    assert trainable, "nothing was unfrozen"
+    assert all(id(layer) in tail for layer in trainable)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in trainable)
+    assert stage.trained is stage.model and stage.features is None
+
+
+def test_class_weights_balance_the_classes_and_weight_the_loss():
+    assert balanced_class_weight(np.array([0, 1, 1, 1])) == pytest.approx((2.0, 2 / 3))
+    assert balanced_class_weight(np.array([1, 1])) == (1.0, 1.0)  # one class: no weighting
+    config = load_config(None, ["train.class_weight=none"])
+    assert stage_settings(config, (2.0, 0.5), "custom").class_weight == (1.0, 1.0)
+
+    model = _toy()
+    x, y = _toy_data(8)
+    weights = (3.0, 0.5)
+    fitter = Fitter(model, FitSettings(epochs=1, batch_size=8, learning_rate=1e-9, patience=1, seed=0, class_weight=weights))
+    probs = model(x, training=True).numpy().reshape(-1)
+    bce = -(y * np.log(probs) + (1 - y) * np.log(1 - probs))
+    expected = float(np.sum(bce * np.where(y == 1, weights[1], weights[0])))
+    loss_sum, _, seen = fitter._step(tf.constant(x), tf.constant(y, tf.float32), tf.constant(8.0))
+    assert float(loss_sum) == pytest.approx(expected, rel=1e-4) and float(seen) == 8
+
+
+def test_early_stopping_stops_and_best_weights_come_back(monkeypatch):
+    _scripted_validation(monkeypatch, [0.6, 0.9, 0.7, 0.8, 0.95, 0.99])
+    model = _toy()
+    x, y = _toy_data()
+    weights_after: dict[int, list[np.ndarray]] = {}
+
+    def remember(_, state: FitState, __) -> None:
+        weights_after[state.epoch] = [w.copy() for w in model.get_weights()]
+
+    settings = FitSettings(epochs=6, batch_size=8, learning_rate=0.05, patience=2, seed=0)
+    state = fit(model, (x, y), (x, y), settings, on_epoch_end=remember)
+    assert state.epoch == 4 and state.best_epoch == 2  # epochs 3 and 4 did not beat epoch 2
+    assert len(state.history["val_roc_auc"]) == 4
+    for restored, best in zip(model.get_weights(), weights_after[2], strict=True):
+        np.testing.assert_array_equal(restored, best)
+    assert not np.array_equal(model.get_weights()[0], weights_after[4][0])
+
+
+def test_checkpoint_round_trip_restores_weights_optimizer_and_state(tmp_path):
+    x, y = _toy_data()
+    settings = FitSettings(epochs=2, batch_size=8, learning_rate=0.01, patience=5, seed=0)
+    model = _toy()
+    fitter = Fitter(model, settings)
+    state = fit(model, (x, y), (x, y), settings, fitter=fitter)
+    state.resumed_from = [1]
+    save_checkpoint(tmp_path, model, fitter.optimizer, state)
+
+    fresh = _toy(seed=1)
+    fresh_fitter = Fitter(fresh, settings)
+    restored = restore_checkpoint(tmp_path, fresh, fresh_fitter.optimizer)
+    assert (restored.epoch, restored.best_epoch, restored.history, restored.resumed_from) == (
+        state.epoch, state.best_epoch, state.history, [1],
+    )  # fmt: skip
+    assert restored.best_auc == pytest.approx(state.best_auc)
+    for a, b in zip(fresh.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(fresh_fitter.optimizer.iterations.numpy()) == int(fitter.optimizer.iterations.numpy()) > 0
+    for a, b in zip(fresh_fitter.optimizer.variables, fitter.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_mixed_float16_trains_with_loss_scaling_and_exports_float32(data):
+    from pneumonet.training.worker import _export, precision_policy
+
+    assert precision_policy("auto") == "float32"  # no GPU here: CPU runs stay float32
+    assert precision_policy("off") == "float32" and precision_policy("mixed_bfloat16") == "mixed_bfloat16"
+    config = load_config(None, TINY)
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        stage = build_stage("custom", config)
+        settings = stage_settings(config, (1.0, 1.0), "custom", loss_scale=True)
+        fitter = Fitter(stage.trained, settings)
+        assert isinstance(fitter.optimizer, keras.optimizers.LossScaleOptimizer)
+        state = fit(stage.trained, (data.train.images, data.train.labels), (data.val.images, data.val.labels),
+                    settings, fitter=fitter)  # fmt: skip
+        assert np.isfinite(state.history["loss"][0])
+        assert stage.model.get_layer("block1a_conv").compute_dtype == "float16"
+        export = _export(stage, "custom", config, None)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert {layer.dtype_policy.name for layer in export.layers} == {"float32"}
+    for a, b in zip(export.get_weights(), stage.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_gather_and_digest_are_trivial_in_one_process():
+    strategy = tf.distribute.get_strategy()
+    rows = np.arange(6.0).reshape(3, 2)
+    np.testing.assert_array_equal(loop.gather_rows(strategy, rows), rows)
+    assert loop.worker_position(strategy) == (0, 1)
+    assert loop.weights_digest(_toy(0)) == loop.weights_digest(_toy(0)) != loop.weights_digest(_toy(1))
+
+
+def test_pneumonet_train_end_to_end(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    main(["train", "--variant", "custom", "--data", str(synthetic_root), "--out", str(out), "--workers", "1",
+          "--cpus-per-worker", "1", *TINY, "train.epochs=2", "train.steps_per_epoch=null"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "custom" in printed and f"→ {out / 'custom'}" in printed
+    artifact = load_artifact(str(out / "custom"))  # published as before: OUT/<variant>/
+    assert artifact.meta["epochs_run"] == 2 and len(artifact.meta["history"]["loss"]) == 2
+    run_id = artifact.meta["run_id"]
+    assert (out / "models" / "custom" / run_id / "evaluation" / "test" / "metrics.json").is_file()
+    assert load_latest_artifact(str(out), "custom").version == artifact.version
+    assert resolve_artifact_uri(str(out / "models" / "custom")) == str(out / "models" / "custom" / run_id)
+    assert (out / "manifest.parquet").is_file() and (out / "runs" / run_id / "custom").is_dir()
+    assert list((out / "wandb").glob("wandb/offline-run-*"))  # offline tracking by default
+
+
+def _error_line(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("pneumonet: error: "), err
+    return err
+
+
+def test_bad_inputs_are_one_line_errors(synthetic_root, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    missing = tmp_path / "no-such-data"
+    assert str(missing) in _error_line(capsys, ["train", "--data", str(missing), "--out", out, *TINY])
+
+    one_class = tmp_path / "one-class"
+    shutil.copytree(synthetic_root, one_class)
+    shutil.rmtree(one_class / "train" / "NORMAL")
+    shutil.rmtree(one_class / "val" / "NORMAL", ignore_errors=True)
+    assert "class" in _error_line(capsys, ["train", "--data", str(one_class), "--out", out, *TINY])
+
+    assert "--out" in _error_line(capsys, ["train", "--data", str(synthetic_root), *TINY])
+
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    message = _error_line(capsys, ["evaluate", "--model", str(empty), "--data", str(synthetic_root), "--out", out])
+    assert "pneumonet.json" in message and str(empty) in message
+    assert not storage.exists(str(tmp_path / "out" / "runs"))  # nothing was started
+
+
+def test_job_entrypoint_help_runs_from_the_repo_root():
+    result = subprocess.run(
+        [sys.executable, "jobs/train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    for flag in ("--config", "--variant", "--data", "--storage", "--workers", "--cpus-per-worker", "--gpus-per-worker",
+                 "--resume", "--run-id", "--out", "KEY=VALUE"):  # fmt: skip
+        assert flag in result.stdout
