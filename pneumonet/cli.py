@@ -13,11 +13,18 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from pneumonet.scoring.options import (
+    SCORE_DESCRIPTION,
+    SCORE_HELP,
+    SERVE_HELP,
+    add_score_arguments,
+    add_serve_arguments,
+)
+from pneumonet.training.args import add_train_arguments
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 log = logging.getLogger("pneumonet")
-
-VARIANT_CHOICES = ("custom", "transfer", "finetune", "all")
 
 
 def _fmt(value: float | None) -> str:
@@ -65,21 +72,9 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from pneumonet.config import VARIANTS, load_config
-    from pneumonet.training.variants import train_variants
+    from pneumonet.training.args import print_summaries, train_from_args
 
-    config = load_config(args.config, args.overrides)
-    root = args.data or config.data.root
-    if not root:
-        from pneumonet.errors import ConfigError
-
-        raise ConfigError("no dataset: pass --data DATA or set data.root in the config")
-    variants = list(VARIANTS) if args.variant == "all" else [args.variant]
-    summaries = train_variants(config, variants, root, args.out)
-    for variant, summary in summaries.items():
-        figures = summary.get("test") or summary["val"]
-        which = "test" if "test" in summary else "val"
-        print(f"{variant:<9} {which} {_headline(figures)}  → {summary['artifact']}")
+    print_summaries(train_from_args(args))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -105,16 +100,24 @@ def cmd_predict(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def cmd_score(args: argparse.Namespace) -> None:
+    from pneumonet.scoring.batch import run_from_args
+
+    run_from_args(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from pneumonet.config import load_config
+    from pneumonet.scoring.online import serve_locally
+
+    serve_locally(args.model, load_config(args.config, args.overrides), host=args.host, port=args.port)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from pneumonet.demo import run_demo
 
     report = run_demo(args.out, args.overrides)
     print(f"demo report: {report}")
-
-
-def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=3")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,11 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_data_synth)
 
-    train = commands.add_parser("train", help="train one variant or all three")
-    train.add_argument("--variant", choices=VARIANT_CHOICES, default="all")
-    train.add_argument("--data", help="dataset root (default: data.root from the config)")
-    train.add_argument("--out", required=True, help="output folder or s3:// prefix for the model artifacts")
-    _add_train_options(train)
+    train = commands.add_parser("train", help="train one variant or all three (Ray Train, local Ray unless RAY_ADDRESS)")
+    add_train_arguments(train)
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="metrics and plots of a model artifact on a dataset split")
@@ -159,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or s3:// URIs")
     predict.add_argument("--json", action="store_true", help="machine-readable output")
     predict.set_defaults(func=cmd_predict)
+
+    score = commands.add_parser("score", help=SCORE_HELP, description=SCORE_DESCRIPTION)
+    add_score_arguments(score)
+    score.set_defaults(func=cmd_score)
+
+    serve = commands.add_parser("serve", help=SERVE_HELP)
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
 
     demo = commands.add_parser("demo", help="synthesize data, train all three variants briefly, write a report")
     demo.add_argument("--out", default="pneumonet-demo", help="output folder (default: ./pneumonet-demo)")

@@ -17,53 +17,43 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from pneumonet import storage
 from pneumonet.config import Config, load_config
 from pneumonet.errors import DataError, PneumonetError
 from pneumonet.scoring import parts
+from pneumonet.scoring.cluster import init_ray
 from pneumonet.scoring.inputs import list_inputs, not_image_reason
+from pneumonet.scoring.meta import read_metadata
+from pneumonet.scoring.options import SCORE_DESCRIPTION, add_score_arguments
 from pneumonet.scoring.predict import decide
 from pneumonet.scoring.summary import summarize_output, write_summary
 
 log = logging.getLogger(__name__)
 
-# URIs per input block: enough blocks for parallel decode tasks on a cluster, few enough that a
-# ten-million-file archive stays a manageable number of Ray objects.
-BLOCK_ROWS = 1024
+# Model batches per input block. A block is the unit of streaming: its result rows reach the driver
+# when its last batch is scored, so blocks stay small (a ten-million-file archive at batch size 64
+# is ~80,000 blocks of URIs, a few MB of Ray objects).
+BATCHES_PER_BLOCK = 2
 # Files read concurrently inside one decode task (S3 latency); decoding itself stays on the
 # task's one CPU so Ray's CPU accounting holds.
 READ_THREADS = 8
-
-
-def add_score_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``pneumonet score`` and ``jobs/batch_score.py`` (one definition, so they cannot drift)."""
-    parser.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")
-    parser.add_argument(
-        "--input", required=True, help="folder or s3:// prefix (walked recursively), or a .parquet/.csv manifest with a 'uri' column"
-    )  # fmt: skip
-    parser.add_argument(
-        "--output", required=True, help="folder or s3:// prefix for the Parquet parts; re-running resumes"
-    )
-    parser.add_argument("--workers", type=int, help="inference actors (default: score.workers, 1)")
-    parser.add_argument("--gpus-per-worker", type=float, help="GPUs per inference actor (default: score.gpus_per_worker, 0)")
-    parser.add_argument("--batch-size", type=int, help="images per model call (default: score.batch_size, 64)")
-    parser.add_argument("--config", help="YAML config file (pneumonet/config.py is the schema)")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. score.rows_per_file=5000"
-    )
+# Memory reserved per decode task: READ_THREADS raw files in flight (DICOMs reach tens of MB) plus
+# a batch of decoded pixels. Reserving it also keeps decoding in its own CPU tasks: with equal
+# resource requests Ray Data would fuse it into the inference actors, and then an actor would
+# decode and run the model in turn instead of both running at once.
+DECODE_MEMORY = 256 * 2**20
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -71,18 +61,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
     flags = {"workers": args.workers, "gpus_per_worker": args.gpus_per_worker, "batch_size": args.batch_size}
     extra = [f"score.{key}={value}" for key, value in flags.items() if value is not None]
     return load_config(args.config, [*args.overrides, *extra])
-
-
-def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (a RayJob), or start a local Ray sized for this machine."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(ignore_reinit_error=True, log_to_driver=True)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, ignore_reinit_error=True, log_to_driver=True)
 
 
 def _read_or_error(uri: str) -> bytes | str:
@@ -144,7 +122,7 @@ class Scorer:
             chosen = images if ok.all() else images[ok]
             probs[ok] = self.artifact.predict_proba(chosen, batch_size=len(chosen))
         threshold = self.artifact.threshold
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         return pa.table(
             {
                 "uri": pa.array([str(uri) for uri in batch["uri"]], pa.string()),
@@ -169,33 +147,43 @@ class RunStats:
     failed_this_run: int = 0
     parts_written: int = 0
     seconds: float = 0.0
+    seconds_to_first_part: float | None = None  # start-up: actors starting, models loading
 
     def as_dict(self) -> dict[str, Any]:
-        rate = self.scored_this_run / self.seconds if self.seconds > 0 else None
+        files = self.scored_this_run + self.failed_this_run
+        rate = files / self.seconds if self.seconds > 0 else None
         return {**self.__dict__, "seconds": round(self.seconds, 3), "images_per_second": rate and round(rate, 2)}
 
 
 @contextmanager
-def _tracking(config: Config, run_id: str, settings: dict[str, Any]) -> Iterator[Any]:
-    """A W&B run of job type "score" (offline, online or disabled as the tracking config says)."""
+def _tracking(config: Config, output: str, run_id: str, settings: dict[str, Any]) -> Iterator[Any]:
+    """A W&B run of job type "score" (offline, online or disabled as ``tracking`` says).
+
+    Offline runs of a local output go to ``OUTPUT/_tracking/wandb``: next to the scores, yet hidden
+    from ``pandas.read_parquet(OUTPUT)`` by the underscore.
+    """
     from pneumonet.tracking import start_run
 
-    with start_run(config.tracking, job_type="score", name=f"score-{run_id}", config=settings) as run:
+    out = None if storage.is_s3(output) else storage.join(output, "_tracking")
+    with start_run(config, job_type="score", name=f"score-{run_id}", out=out, extra_config={"score_job": settings}) as run:
         yield run
 
 
-def _pipeline(todo: list[str], model_uri: str, image_size: int, config: Config) -> Any:
+def _pipeline(todo: pa.Array, model_uri: str, image_size: int, config: Config) -> Any:
     """The lazy Ray Dataset of result rows for ``todo``."""
     import ray
 
     score = config.score
-    blocks = [pd.DataFrame({"uri": todo[i : i + BLOCK_ROWS]}) for i in range(0, len(todo), BLOCK_ROWS)]
-    dataset = ray.data.from_pandas(blocks)
+    rows = score.batch_size * BATCHES_PER_BLOCK
+    # Each block gets its own compact copy: a slice would carry (and ship) the whole array's buffers.
+    starts = range(0, len(todo), rows)
+    dataset = ray.data.from_arrow([pa.table({"uri": pa.array(todo.slice(i, rows).to_pylist(), pa.string())}) for i in starts])
     dataset = dataset.map_batches(
         decode_batch,
         batch_size=score.batch_size,
         batch_format="numpy",
         fn_kwargs={"size": image_size, "max_pixels": config.data.max_image_pixels},
+        memory=DECODE_MEMORY,
     )
     return dataset.map_batches(
         Scorer,
@@ -209,43 +197,39 @@ def _pipeline(todo: list[str], model_uri: str, image_size: int, config: Config) 
 
 def score_archive(model_uri: str, input_uri: str, output_uri: str, config: Config) -> dict[str, Any]:
     """Score every file of ``input_uri`` into ``output_uri`` (resuming), write and return the summary."""
-    from pneumonet.artifact import load_artifact
-
-    artifact = load_artifact(model_uri)  # fail fast on the driver, before any cluster work
-    model_id = f"{artifact.name}:{artifact.version}"
+    meta = read_metadata(model_uri)  # fail fast on the driver (kept free of TensorFlow: it runs on the head)
+    model_id = f"{meta['name']}:{meta['version']}"
     output = parts.absolute(output_uri)
     storage.check_access(output, write=True)
     inputs = list_inputs(input_uri, exclude_prefix=output)
     parts.remove_stale_temporaries(output)
-    done = parts.scored_uris(output, model_id)
-    todo = [uri for uri in inputs if uri not in done]
+    todo = parts.not_in(inputs, parts.scored_uris(output, model_id))
     stats = RunStats(parts.new_run_id(), len(inputs), len(inputs) - len(todo))
     log.info(
         "scoring %d files from %s with %s: %d already in %s, %d to do",
         len(inputs), input_uri, model_id, stats.already_scored, output, len(todo),
     )  # fmt: skip
-    settings = {"model": model_uri, "model_id": model_id, "input": input_uri, "output": output,
-                **config.score.model_dump(), "run_id": stats.run_id}  # fmt: skip
-    with _tracking(config, stats.run_id, settings) as run:
-        run.use_model_artifact(model_uri, artifact.meta)
-        if todo:
-            _run_pipeline(todo, model_uri, artifact.image_size, config, output, stats, run)
-        summary = summarize_output(output)
-        missing = set(inputs) - parts.scored_uris(output, model_id)
-        if missing or summary["files"] != summary["unique_uris"]:
+    settings = {"input": input_uri, "output": output, "run_id": stats.run_id, "inputs": len(inputs),
+                "already_scored": stats.already_scored}  # fmt: skip
+    with _tracking(config, output, stats.run_id, settings) as run:
+        run.use_model_artifact(model_uri, meta)
+        if len(todo):
+            _run_pipeline(todo, model_uri, int(meta["image_size"]), config, output, stats, run)
+        summary = summarize_output(output, inputs)
+        if summary["missing"] or summary["duplicate_rows"]:
             raise DataError(
-                f"{output}: {len(missing)} inputs have no row and {summary['files'] - summary['unique_uris']} "
-                "URIs have several; run the job again to score the missing ones"
+                f"{output}: {summary['missing']} inputs have no row and {summary['duplicate_rows']} rows repeat "
+                "a URI; run the job again to score the missing ones"
             )
         summary.update(model=model_id, model_uri=model_uri, input=input_uri, output=output,
-                       threshold=artifact.threshold, run=stats.as_dict())  # fmt: skip
-        write_summary(output, summary, artifact.threshold, f"{model_id} on {input_uri}")
+                       threshold=meta["threshold"], run=stats.as_dict())  # fmt: skip
+        write_summary(output, summary, float(meta["threshold"]), f"{model_id} on {input_uri}")
         run.summary({key: value for key, value in summary.items() if key != "failure_examples"})
     return summary
 
 
 def _run_pipeline(
-    todo: list[str], model_uri: str, image_size: int, config: Config, output: str, stats: RunStats, run: Any
+    todo: pa.Array, model_uri: str, image_size: int, config: Config, output: str, stats: RunStats, run: Any
 ) -> None:
     """Stream result rows from Ray Data and write them as parts of ``rows_per_file`` rows."""
     init_ray()
@@ -258,6 +242,8 @@ def _run_pipeline(
         stats.scored_this_run += scored
         stats.failed_this_run += table.num_rows - scored
         stats.seconds = time.monotonic() - start
+        if stats.seconds_to_first_part is None:
+            stats.seconds_to_first_part = round(stats.seconds, 3)
         done = stats.scored_this_run + stats.failed_this_run
         rate = done / stats.seconds
         log.info("wrote %s: %d rows; %d/%d files this run, %.1f images/s", uri, table.num_rows, done, len(todo), rate)
@@ -267,3 +253,40 @@ def _run_pipeline(
             f"{output}: the pipeline returned {stats.scored_this_run + stats.failed_this_run} rows for {len(todo)} "
             "files; run the job again to score the rest"
         )
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """A few lines for the terminal and the job log."""
+    run = summary["run"]
+    quantiles = summary["probability"]["quantiles"]
+    spread = "  ".join(f"{k} {v:.3f}" for k, v in quantiles.items() if k in ("p05", "p50", "p95") and v is not None)
+    predictions = ", ".join(f"{name} {count}" for name, count in summary["predictions"].items()) or "none"
+    rate = f", {run['images_per_second']} images/s" if run["images_per_second"] else ""
+    return (
+        f"{summary['files']} files in {summary['output']}: {summary['scored']} scored, {summary['failures']} failed\n"
+        f"this run: {run['scored_this_run'] + run['failed_this_run']} files in {run['seconds']} s{rate} "
+        f"({run['already_scored']} already scored)\n"
+        f"predictions: {predictions}; p(PNEUMONIA) {spread}\n"
+        f"summary: {storage.join(summary['output'], '_summary.json')}"
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """What both doors do: build the config, score, print the summary."""
+    summary = score_archive(args.model, args.input, args.output, config_from_args(args))
+    print(describe(summary))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``jobs/batch_score.py``: the same options and error handling as ``pneumonet score``."""
+    parser = argparse.ArgumentParser(prog="batch_score.py", description=SCORE_DESCRIPTION)
+    add_score_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        run_from_args(args)
+    except PneumonetError as exc:
+        print(f"batch_score: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -14,10 +14,11 @@ import io
 import logging
 import re
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pneumonet import storage
@@ -40,7 +41,7 @@ PART_PATTERN = re.compile(r"^part-.+\.parquet$")
 
 def new_run_id() -> str:
     """Sortable by start time, unique across concurrent starts."""
-    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 def part_name(run_id: str, sequence: int) -> str:
@@ -99,15 +100,21 @@ def remove_stale_temporaries(output: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def scored_uris(output: str, model: str) -> set[str]:
-    """URIs already in ``output``; refuses an output that holds another model's scores."""
-    done: set[str] = set()
+def scored_uris(output: str, model: str) -> pa.Array:
+    """The distinct URIs already in ``output`` (Arrow: compact for millions); refuses an output that
+    holds another model's scores."""
+    uris = []
     for table in read_parts(output, ["uri", "model"]):
         others = set(table.column("model").unique().to_pylist()) - {model}
         if others:
             raise DataError(
-                f"{output} already holds scores of model {sorted(others)[0]}, not {model}: "
+                f"{output} already holds scores of model {min(others)}, not {model}: "
                 "write to a new output (or delete the old one) rather than mixing models"
             )
-        done.update(table.column("uri").to_pylist())
-    return done
+        uris.append(table.column("uri"))
+    return pc.unique(pa.chunked_array(uris, pa.string()))
+
+
+def not_in(uris: pa.Array, done: pa.Array) -> pa.Array:
+    """The URIs of ``uris`` that are not in ``done``, in order."""
+    return uris.filter(pc.invert(pc.is_in(uris, value_set=done)))

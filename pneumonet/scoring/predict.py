@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from pneumonet.artifact import Artifact, load_artifact
+from typing import TYPE_CHECKING
+
 from pneumonet.data.images import load_many
+
+if TYPE_CHECKING:  # pneumonet.artifact imports TensorFlow; `decide` must stay importable without it
+    from pneumonet.artifact import Artifact
 
 
 def decide(probability: float, threshold: float) -> str:
@@ -13,6 +17,8 @@ def decide(probability: float, threshold: float) -> str:
 
 def predict_files(model_uri: str, uris: list[str], artifact: Artifact | None = None) -> list[dict]:
     """One result per input, in order: probability and prediction, or the reason it could not be scored."""
+    from pneumonet.artifact import load_artifact
+
     artifact = artifact or load_artifact(model_uri)
     loaded = load_many(uris, artifact.image_size)
     probs = artifact.predict_proba(loaded.images) if len(loaded.ok) else []

@@ -1,0 +1,289 @@
+"""Online scoring: the Ray Serve application behind the viewers (``serve.app:app_builder``).
+
+One ingress deployment, ``PneumonetModel`` (FastAPI), per replica one model:
+
+- ``POST /v1/predict``: one image, as the raw body (``image/jpeg``, ``image/png``, ``image/bmp``,
+  ``image/tiff``, ``application/dicom``, ``application/octet-stream``) or as the multipart field
+  ``file``; ``?explain=gradcam`` adds a Grad-CAM overlay (base64 PNG).
+- ``POST /v1/predict/batch``: several images as multipart fields ``files``; one result per image,
+  in order. An image that cannot be decoded gets ``{"filename", "error"}`` in its place and the
+  others are still scored (200 overall); refusing the whole request is for request-level faults.
+- ``GET /v1/model``: the artifact's metadata. ``GET /healthz``: liveness, never authenticated.
+
+Every refusal is a 4xx with ``{"error": "..."}``: 400 malformed request or empty body, 401 bad or
+missing bearer token (when the env var named by ``serve.auth_token_env`` is set), 413 body over
+``serve.max_request_bytes`` (checked on Content-Length and while reading) or more images than
+``serve.max_batch_images``, 415 unsupported content type, 422 not a decodable image (corrupt,
+unknown format, over ``data.max_image_pixels``). Images are decoded in the request handler, before
+batching, so only good images ever reach the model; concurrent requests are then scored together
+(``@serve.batch``, ``serve.max_batch_size``/``serve.batch_wait_timeout_s``) and each response says
+in ``batch_size`` how many images shared its model call.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see the real `Request` type in the
+# signatures of the methods @serve.ingress re-wraps, not a string it cannot resolve.
+import asyncio
+import base64
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+from ray import serve
+from ray.serve import Application
+from starlette.exceptions import HTTPException
+
+from pneumonet.config import Config, load_config
+from pneumonet.data.images import load_image
+from pneumonet.errors import ConfigError, ImageDecodeError
+from pneumonet.scoring.meta import read_metadata
+from pneumonet.scoring.predict import decide
+from pneumonet.scoring.uploads import (
+    MULTIPART,
+    RAW_TYPES,
+    ApiError,
+    Upload,
+    check_bearer,
+    check_content_length,
+    media_type,
+    parse_multipart,
+    read_limited,
+    token_from_env,
+)
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENT = "PneumonetModel"
+APP_NAME = "pneumonet"
+# Serve needs at least max_batch_size requests in flight per replica to ever fill a batch.
+MIN_ONGOING_REQUESTS = 32
+# A replica whose model call failed this many times in a row reports unhealthy and is replaced.
+MAX_MODEL_FAILURES = 3
+_ACCEPTED = ", ".join(sorted(RAW_TYPES)) + f" or {MULTIPART}"
+_META_KEYS = ("name", "version", "variant", "backbone", "image_size", "threshold", "class_names", "positive_class",
+              "val_metrics", "input", "preprocessing", "manifest_digest", "created_at")  # fmt: skip
+
+api = FastAPI(title="Pneumonet", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return JSONResponse({"error": f"invalid request: {problems}"}, status_code=400)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    log.error("request failed: %s: %s", type(exc).__name__, exc)
+    return JSONResponse({"error": "internal error while scoring; see the server log"}, status_code=500)
+
+
+def _source(upload_name: str | None, content_type: str) -> str:
+    """The name the decoder sees: the upload's file name, or one that lets ``application/dicom`` pick DICOM."""
+    if upload_name:
+        return os.path.basename(upload_name)[:200]
+    return "upload.dcm" if content_type == "application/dicom" else "upload"
+
+
+@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=MIN_ONGOING_REQUESTS, health_check_period_s=10)
+@serve.ingress(api)
+class PneumonetModel:
+    """One replica: the artifact, loaded and warmed up before the replica reports ready."""
+
+    def __init__(self, model_uri: str, config: Config) -> None:
+        # TensorFlow is imported here, in the replica, not where serve.app is imported (the head).
+        from pneumonet.artifact import load_artifact
+
+        self._serve = config.serve
+        self._max_pixels = config.data.max_image_pixels
+        self._artifact = load_artifact(model_uri)
+        self._size = self._artifact.image_size
+        self._token = token_from_env(self._serve.auth_token_env)
+        self._score.set_max_batch_size(self._serve.max_batch_size)
+        self._score.set_batch_wait_timeout_s(self._serve.batch_wait_timeout_s)
+        self._model_failures = 0
+        meta = self._artifact.meta
+        self._info = {key: meta.get(key) for key in _META_KEYS}
+        self._model = {"name": self._artifact.name, "version": self._artifact.version}
+        # Trace the graph now: the first real request must not pay for it, and a model that cannot
+        # run fails the replica's start instead of its first request.
+        self._artifact.predict_proba(np.zeros((1, self._size, self._size, 1), np.uint8))
+        log.info(
+            "serving %s:%s, max batch %d, bearer-token auth %s",
+            self._artifact.name, self._artifact.version, self._serve.max_batch_size,
+            f"on (${self._serve.auth_token_env})" if self._token else "off",
+        )  # fmt: skip
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising makes Serve replace the replica."""
+        if self._model_failures >= MAX_MODEL_FAILURES:
+            raise RuntimeError(f"the model failed on {self._model_failures} batches in a row")
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # replaced from serve.* in __init__
+    async def _score(self, images: list[np.ndarray]) -> list[tuple[float, int]]:
+        """P(PNEUMONIA) for images from concurrent requests, scored in one model call."""
+        try:
+            probs = await asyncio.to_thread(self._artifact.predict_proba, np.stack(images), len(images))
+        except Exception:
+            self._model_failures += 1
+            raise
+        self._model_failures = 0
+        return [(float(p), len(images)) for p in probs]
+
+    def _authorize(self, request: Request) -> None:
+        check_bearer(request.headers.get("authorization"), self._token)
+
+    async def _body(self, request: Request, allowed: frozenset[str]) -> tuple[str, bytes]:
+        """The request's media type and body, within the size limit."""
+        content_type = media_type(request.headers.get("content-type"))
+        if content_type not in allowed:
+            shown = content_type or "none"
+            raise ApiError(415, f"unsupported Content-Type {shown!r}; send {', '.join(sorted(allowed))}")
+        limit = self._serve.max_request_bytes
+        check_content_length(request.headers, limit)
+        body = await read_limited(request.stream(), limit)
+        if not body:
+            raise ApiError(400, "empty request body; send an image")
+        return content_type, body
+
+    async def _decode(self, data: bytes, source: str) -> np.ndarray:
+        if not data:
+            raise ApiError(400, f"{source}: empty file")
+        try:
+            return await asyncio.to_thread(load_image, data, source, self._size, self._max_pixels)
+        except ImageDecodeError as exc:
+            raise ApiError(422, str(exc)) from None
+        except Exception as exc:  # a decoder bug on odd input is still the input's fault, not a 500
+            log.exception("unexpected decoder error on %s", source)
+            raise ApiError(422, f"{source}: cannot decode image ({type(exc).__name__})") from None
+
+    async def _scored(self, image: np.ndarray) -> dict[str, Any]:
+        probability, batch_size = await self._score(image)
+        return {
+            "probability": probability,
+            "prediction": decide(probability, self._artifact.threshold),
+            "batch_size": batch_size,
+        }
+
+    def _envelope(self, started: float, body: dict[str, Any]) -> dict[str, Any]:
+        return {**body, "threshold": self._artifact.threshold, "model": self._model,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 2)}  # fmt: skip
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/model")
+    async def model_info(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        limits = {key: getattr(self._serve, key) for key in ("max_batch_size", "batch_wait_timeout_s",
+                                                              "max_request_bytes", "max_batch_images")}  # fmt: skip
+        return {**self._info, "serving": limits}
+
+    @api.post("/v1/predict")
+    async def predict(self, request: Request, explain: str | None = None) -> dict[str, Any]:
+        started = time.perf_counter()
+        self._authorize(request)
+        if explain not in (None, "gradcam"):
+            raise ApiError(400, f"unknown explain={explain!r}; the only explanation is 'gradcam'")
+        content_type, body = await self._body(request, RAW_TYPES | {MULTIPART})
+        if content_type == MULTIPART:
+            files = [u for u in parse_multipart(body, request.headers["content-type"]) if u.field == "file"]
+            if len(files) != 1:
+                raise ApiError(400, f"send exactly one multipart field 'file' (got {len(files)})")
+            upload = files[0]
+        else:
+            upload = Upload("body", None, body)
+        image = await self._decode(upload.data, _source(upload.filename, content_type))
+        result = await self._scored(image)
+        if explain == "gradcam":
+            from pneumonet.explain.gradcam import gradcam, overlay_png
+
+            heatmap = await asyncio.to_thread(gradcam, self._artifact.model, image)
+            png = await asyncio.to_thread(overlay_png, image, heatmap)
+            result["gradcam_png"] = base64.b64encode(png).decode("ascii")
+            result["gradcam_size"] = list(heatmap.shape)
+        return self._envelope(started, result)
+
+    @api.post("/v1/predict/batch")
+    async def predict_batch(self, request: Request) -> dict[str, Any]:
+        started = time.perf_counter()
+        self._authorize(request)
+        _, body = await self._body(request, frozenset({MULTIPART}))
+        files = [u for u in parse_multipart(body, request.headers["content-type"]) if u.field == "files"]
+        if not files:
+            raise ApiError(400, "no multipart fields 'files' in the request")
+        if len(files) > self._serve.max_batch_images:
+            raise ApiError(413, f"{len(files)} images is over the limit of {self._serve.max_batch_images} "
+                                "per request (serve.max_batch_images)")  # fmt: skip
+
+        async def one(index: int, upload: Upload) -> dict[str, Any]:
+            name = upload.filename or f"files[{index}]"
+            try:
+                image = await self._decode(upload.data, _source(name, "image"))
+            except ApiError as exc:
+                return {"filename": name, "error": exc.message}
+            return {"filename": name, **(await self._scored(image))}
+
+        results = await asyncio.gather(*(one(i, upload) for i, upload in enumerate(files)))
+        return self._envelope(started, {"results": list(results)})
+
+
+class AppArgs(BaseModel):
+    """The ``args`` of the application (serve config file, RayService serveConfigV2)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    config: str | None = None
+    overrides: list[str] = []
+
+
+def build_app(model_uri: str, config: Config) -> Application:
+    """The application for one model; Serve config files may still override the deployment options."""
+    ongoing = max(MIN_ONGOING_REQUESTS, 2 * config.serve.max_batch_size)
+    return PneumonetModel.options(max_ongoing_requests=ongoing).bind(model_uri, config)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """``serve.app:app_builder``: ``args`` = ``{model: URI, config: FILE?, overrides: [key=value, ...]?}``."""
+    try:
+        parsed = AppArgs.model_validate(args or {})
+    except ValidationError as exc:
+        raise ConfigError(f"bad application args {sorted(args or {})}: {exc.errors()[0]['msg']} "
+                          f"at {'.'.join(map(str, exc.errors()[0]['loc']))}") from None  # fmt: skip
+    return build_app(parsed.model, load_config(parsed.config, parsed.overrides))
+
+
+def serve_locally(model_uri: str, config: Config, host: str | None = None, port: int | None = None) -> None:
+    """``pneumonet serve``: a local Ray with the application on host:port, until Ctrl-C."""
+    from pneumonet.scoring.cluster import init_ray
+
+    read_metadata(model_uri)  # a wrong path fails here, not as a replica that never starts
+    host = host or config.serve.host
+    port = port or config.serve.port
+    init_ray()
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.run(build_app(model_uri, config), name=APP_NAME, route_prefix="/")
+        log.info("Pneumonet endpoint on http://%s:%d (POST /v1/predict); Ctrl-C stops it", host, port)
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()

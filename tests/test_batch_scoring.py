@@ -1,0 +1,281 @@
+"""Batch scoring with Ray Data: every file exactly once, errors as rows, S3, manifests, kill + resume, summary.
+
+One local Ray (2 CPUs) serves the whole module; it is started after the S3 test server so that its
+workers inherit the S3 settings, and the killed job of the resume test joins it via RAY_ADDRESS.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+
+from pneumonet import storage
+from pneumonet.artifact import build_metadata, load_artifact, save_artifact
+from pneumonet.config import Config, load_config
+from pneumonet.data.images import load_image
+from pneumonet.errors import DataError
+from pneumonet.scoring import parts
+from pneumonet.scoring.batch import score_archive
+from pneumonet.scoring.inputs import list_inputs
+from pneumonet.scoring.summary import HISTOGRAM_FILE, SUMMARY_FILE, summarize_output
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+MODEL_OVERRIDES = [f"model.image_size={SIZE}", "model.custom_filters=[8,16]", "model.custom_dense_units=8"]
+RUN_OVERRIDES = ["score.batch_size=8", "score.rows_per_file=16", "tracking.mode=disabled"]
+BAD = {"truncated.jpg": "truncated", "zero.png": "empty file", "notes.txt": "not an image file", "fake.png": "not a recognised"}
+
+
+def encode(img: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def dicom(arr: np.ndarray) -> bytes:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "CR"
+    ds.set_pixel_data(arr, "MONOCHROME2", bits_stored=12)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def mixed_files(rng: np.random.Generator) -> dict[str, bytes]:
+    """Every accepted format and mode, and every kind of bad file, by relative path."""
+    gray = rng.integers(0, 256, (40, 48), dtype=np.uint8)
+    files = {
+        "deep/a/b/rgb.jpg": encode(Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)), "JPEG"),
+        "deep/gray16.png": encode(Image.fromarray(rng.integers(0, 4096, (36, 36), dtype=np.uint16)), "PNG"),
+        "deep/rgba.png": encode(Image.fromarray(rng.integers(0, 256, (20, 24, 4), dtype=np.uint8)), "PNG"),
+        "deep/gray.png": encode(Image.fromarray(gray), "PNG"),
+        # DICOM archives often have numeric names: decoded by content, not skipped by suffix.
+        "dicom/1.2.840.113619.2.55": dicom(rng.integers(0, 4096, (40, 40), dtype=np.uint16)),
+        "truncated.jpg": encode(Image.fromarray(gray), "JPEG")[:200],
+        "zero.png": b"",
+        "notes.txt": b"not an image",
+        "fake.png": b"hello, I am text",
+    }
+    return files
+
+
+def write_files(root: Path, files: dict[str, bytes]) -> list[str]:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return sorted(str(root / name) for name in files)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic Kaggle-layout images plus the mixed formats and bad files, in one folder tree."""
+    from pneumonet.data.synthetic import synthesize_dataset
+
+    root = synthesize_dataset(tmp_path_factory.mktemp("archive"), n=40, size=48, seed=3)
+    write_files(root, mixed_files(np.random.default_rng(0)))
+    return root
+
+
+def decoded(uris: list[str]) -> np.ndarray:
+    return np.stack([load_image(storage.read_bytes(uri), uri, SIZE) for uri in uris])
+
+
+@pytest.fixture(scope="module")
+def model_uri(tmp_path_factory: pytest.TempPathFactory, archive: Path) -> str:
+    """An untrained tiny CNN whose threshold is the median score of the archive, so both classes occur."""
+    from pneumonet.models import build_model
+
+    config = load_config(None, MODEL_OVERRIDES)
+    model = build_model("custom", config.model, seed=1)
+    good = [str(p) for p in sorted(archive.rglob("*.jpeg"))]
+    threshold = float(np.median(model.predict(decoded(good).astype("float32"), verbose=0)))
+    meta = build_metadata(variant="custom", config=config, threshold=threshold, val_metrics={}, manifest_digest=None)
+    return save_artifact(model, meta, str(tmp_path_factory.mktemp("model") / "custom"))
+
+
+@pytest.fixture(scope="module")
+def ray_address(s3_server: str) -> Iterator[str]:
+    import ray
+
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield context.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+
+
+def config(*extra: str) -> Config:
+    return load_config(None, [*MODEL_OVERRIDES, *RUN_OVERRIDES, *extra])
+
+
+def read_output(output: str) -> pd.DataFrame:
+    tables = parts.read_parts(output, [field.name for field in parts.SCHEMA])
+    return pd.concat([t.to_pandas() for t in tables], ignore_index=True)
+
+
+def check_complete(frame: pd.DataFrame, inputs: list[str]) -> None:
+    assert frame["uri"].is_unique, frame["uri"][frame["uri"].duplicated()].tolist()
+    assert sorted(frame["uri"]) == sorted(inputs)
+
+
+def test_every_file_scored_once_errors_recorded_probabilities_exact(archive: Path, model_uri: str, ray_address: str, tmp_path: Path) -> None:
+    inputs = [entry.uri for entry in storage.list_files(str(archive))]
+    output = str(tmp_path / "scores")
+    summary = score_archive(model_uri, str(archive), output, config())
+
+    frame = read_output(output).set_index("uri")
+    check_complete(frame.reset_index(), inputs)
+    artifact = load_artifact(model_uri)
+    errors = frame["error"].dropna()
+    assert sorted(Path(uri).name for uri in errors.index) == sorted(BAD)
+    for uri, message in errors.items():
+        assert BAD[Path(uri).name] in message and uri in message
+        assert pd.isna(frame.loc[uri, "probability"]) and pd.isna(frame.loc[uri, "prediction"])
+    good = frame[frame["error"].isna()]
+    assert len(good) == len(inputs) - len(BAD)
+    expected = artifact.predict_proba(decoded(list(good.index)))
+    np.testing.assert_allclose(good["probability"].to_numpy(), expected, atol=1e-5)
+    want = np.where(good["probability"] >= artifact.threshold, "PNEUMONIA", "NORMAL")
+    assert (good["prediction"].to_numpy() == want).all() and set(want) == {"NORMAL", "PNEUMONIA"}
+    assert (frame["model"] == f"{artifact.name}:{artifact.version}").all()
+    assert frame["scored_at"].dt.tz is not None and frame["scored_at"].notna().all()
+    assert len(parts.list_parts(output)) == -(-len(inputs) // 16)
+
+    on_disk = json.loads(Path(output, SUMMARY_FILE).read_text())
+    assert on_disk["files"] == len(inputs) and on_disk["scored"] == len(good) and on_disk["failures"] == len(BAD)
+    assert on_disk["missing"] == 0 and on_disk["duplicate_rows"] == 0 and len(on_disk["failure_examples"]) == len(BAD)
+    assert on_disk["predictions"] == good["prediction"].value_counts().to_dict()
+    assert sum(on_disk["probability"]["histogram"]["counts"]) == len(good)
+    assert on_disk["probability"]["quantiles"]["p50"] == pytest.approx(np.quantile(good["probability"], 0.5))
+    assert on_disk["run"]["scored_this_run"] == len(good) and on_disk["run"]["images_per_second"] > 0
+    assert on_disk["model"] == f"{artifact.name}:{artifact.version}" and on_disk["threshold"] == artifact.threshold
+    assert summary["files"] == on_disk["files"]
+    assert Path(output, HISTOGRAM_FILE).read_bytes().startswith(b"\x89PNG")
+
+    # Run again, tracked offline: nothing left to do, nothing written, the same complete output,
+    # the W&B run beside the parts, and the folder still reads as one Parquet dataset.
+    again = score_archive(model_uri, str(archive), output, config("tracking.mode=offline"))
+    assert again["run"]["already_scored"] == len(inputs) and again["run"]["parts_written"] == 0
+    check_complete(read_output(output), inputs)
+    runs = [p for p in Path(output, "_tracking").rglob("offline-run-*") if p.is_dir()]
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert len(pd.read_parquet(output)) == len(inputs)
+
+
+def test_s3_prefix_in_s3_prefix_out(model_uri: str, ray_address: str, s3_bucket: str) -> None:
+    files = mixed_files(np.random.default_rng(1))
+    inputs = sorted(f"{s3_bucket}/archive/{name}" for name in files)
+    for name, data in files.items():
+        storage.write_bytes(f"{s3_bucket}/archive/{name}", data)
+    output = f"{s3_bucket}/scores/run1"
+    summary = score_archive(model_uri, f"{s3_bucket}/archive", output, config("score.rows_per_file=4"))
+
+    frame = read_output(output)
+    check_complete(frame, inputs)
+    assert {Path(u).name for u in frame.loc[frame["error"].notna(), "uri"]} == set(BAD)
+    assert summary["files"] == len(inputs) and summary["failures"] == len(BAD)
+    assert json.loads(storage.read_text(f"{output}/{SUMMARY_FILE}"))["scored"] == len(inputs) - len(BAD)
+    assert storage.exists(f"{output}/{HISTOGRAM_FILE}")
+
+
+def test_manifest_inputs_csv_and_parquet(archive: Path, model_uri: str, ray_address: str, tmp_path: Path) -> None:
+    chosen = sorted(str(p) for p in archive.rglob("*.jpeg"))[:6] + [str(archive / "zero.png")]
+    # Relative entries are relative to the manifest; a repeated entry is scored once.
+    rows = [os.path.relpath(chosen[0], tmp_path), *chosen, chosen[1]]
+    pd.DataFrame({"uri": rows, "label": "x"}).to_csv(tmp_path / "list.csv", index=False)
+    output = str(tmp_path / "out")
+    summary = score_archive(model_uri, str(tmp_path / "list.csv"), output, config())
+    check_complete(read_output(output), chosen)
+    assert summary["failures"] == 1
+    pd.DataFrame({"uri": chosen[::-1]}).to_parquet(tmp_path / "list.parquet")
+    assert list_inputs(str(tmp_path / "list.parquet")).to_pylist() == sorted(chosen)
+
+    pd.DataFrame({"path": chosen}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError, match="'uri' column"):
+        score_archive(model_uri, str(tmp_path / "bad.csv"), str(tmp_path / "out-bad"), config())
+
+
+def test_output_of_another_model_is_not_mixed(archive: Path, model_uri: str, tmp_path: Path) -> None:
+    output = tmp_path / "scores"
+    output.mkdir()
+    frame = pd.DataFrame({"uri": ["x"], "probability": [0.5], "prediction": ["NORMAL"], "model": ["other:123"],
+                          "scored_at": [pd.Timestamp.now(tz="UTC")], "error": [None]})  # fmt: skip
+    frame.to_parquet(output / "part-old-00000.parquet")
+    with pytest.raises(DataError, match="other:123"):
+        score_archive(model_uri, str(archive), str(output), config())
+
+
+def test_summary_counts_gaps_and_duplicates(tmp_path: Path) -> None:
+    def rows(uris: list[str], probs: list[float | None]) -> pa.Table:
+        return pa.table({"uri": uris, "probability": probs, "prediction": ["NORMAL" if p is not None else None for p in probs],
+                         "model": ["m:1"] * len(uris), "scored_at": [pd.Timestamp.now(tz="UTC")] * len(uris),
+                         "error": [None if p is not None else "bad" for p in probs]})  # fmt: skip
+
+    parts.write_part(str(tmp_path), "part-a-00000.parquet", rows(["a", "b"], [0.1, None]))
+    parts.write_part(str(tmp_path), "part-b-00000.parquet", rows(["b"], [0.9]))
+    summary = summarize_output(str(tmp_path), pa.array(["a", "b", "c"]))
+    assert (summary["files"], summary["missing"], summary["duplicate_rows"]) == (3, 1, 1)
+    assert (summary["scored"], summary["failures"], summary["predictions"]) == (2, 1, {"NORMAL": 2})
+    assert summary["probability"]["histogram"]["counts"][2] == 1 and summary["failure_examples"] == ["bad"]
+    assert parts.not_in(pa.array(["c", "b", "a", "d"]), parts.scored_uris(str(tmp_path), "m:1")).to_pylist() == ["c", "d"]
+
+
+def test_killed_job_resumes_without_duplicates_or_gaps(
+    tmp_path_factory: pytest.TempPathFactory, model_uri: str, ray_address: str, tmp_path: Path
+) -> None:
+    from pneumonet.data.synthetic import synthesize_dataset
+
+    root = synthesize_dataset(tmp_path_factory.mktemp("big"), n=160, size=SIZE, seed=5)
+    inputs = [entry.uri for entry in storage.list_files(str(root))]
+    output = tmp_path / "scores"
+    command = [sys.executable, str(REPO / "jobs" / "batch_score.py"), "--model", model_uri, "--input", str(root),
+               "--output", str(output), "--batch-size", "2", *MODEL_OVERRIDES, "score.rows_per_file=4",
+               "tracking.mode=disabled"]  # fmt: skip
+    env = dict(os.environ, RAY_ADDRESS=ray_address, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(output.glob("part-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the job ended before it could be killed:\n{proc.stderr.read().decode()[-3000:]}"
+        assert list(output.glob("part-*.parquet")), "no part was written within 120 s"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    first = read_output(str(output))
+    assert 0 < len(first) < len(inputs) and first["uri"].is_unique
+    assert not (output / SUMMARY_FILE).exists()
+
+    summary = score_archive(model_uri, str(root), str(output), config("score.rows_per_file=4"))
+    frame = read_output(str(output))
+    check_complete(frame, inputs)
+    assert summary["run"]["already_scored"] == len(first)
+    assert summary["run"]["scored_this_run"] + summary["run"]["failed_this_run"] == len(inputs) - len(first)
+    runs = {Path(uri).name.rsplit("-", 1)[0] for uri in parts.list_parts(str(output))}
+    assert len(runs) == 2
+    assert not list(output.glob(".*"))
