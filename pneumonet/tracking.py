@@ -21,7 +21,7 @@ and the model's metadata names it; synced later, both show up on the run.
 
 Usage (training, batch scoring)::
 
-    with start_run(config, job_type="batch_score", name="score-2024-06") as run:
+    with start_run(config, job_type="score", name="score-2024-06") as run:
         run.use_model_artifact(model_uri, artifact.meta)
         run.log({"images_per_second": 120.0})
         run.summary({"n_scored": 10_000})

@@ -68,7 +68,7 @@ def histogram_png(summary: dict[str, Any], threshold: float, title: str) -> byte
     ax.set_xlabel("P(PNEUMONIA)")
     ax.set_ylabel("images")
     ax.set_title(title, fontsize=9)
-    ax.legend(loc="upper center")
+    ax.legend(loc="best")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
