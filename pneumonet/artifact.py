@@ -29,16 +29,17 @@ import tensorflow as tf
 
 import pneumonet
 from pneumonet import storage
+from pneumonet.artifact_meta import (  # noqa: F401  (re-exported: the artifact's file names and contract)
+    CLASS_NAMES,
+    FORMAT_VERSION,
+    INPUT_CONTRACT,
+    META_FILE,
+    MODEL_FILE,
+    read_metadata,
+)
 from pneumonet.config import Config
 from pneumonet.errors import ArtifactError, StorageError
 from pneumonet.models.layers import preprocess_module  # importing it also registers the layers load_model needs
-
-MODEL_FILE = "model.keras"
-META_FILE = "pneumonet.json"
-FORMAT_VERSION = 1
-CLASS_NAMES = ["NORMAL", "PNEUMONIA"]
-REQUIRED_KEYS = ("format_version", "variant", "image_size", "threshold", "class_names", "version", "name")
-INPUT_CONTRACT = {"channels": 1, "dtype": "uint8", "resize": "bilinear", "color": "grayscale", "range": [0, 255]}
 
 
 def _digest(path: Path) -> str:
@@ -123,42 +124,13 @@ def save_artifact(model: keras.Model, meta: dict[str, Any], uri: str) -> str:
     return uri
 
 
-def _read_meta(uri: str) -> dict[str, Any]:
-    meta_uri = storage.join(uri, META_FILE)
-    if not storage.exists(meta_uri):
-        raise ArtifactError(f"artifact {uri} is incomplete: {META_FILE} is missing (was the save interrupted?)")
-    try:
-        meta = json.loads(storage.read_text(meta_uri))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"artifact {uri}: {META_FILE} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise ArtifactError(f"artifact {uri}: {META_FILE} must hold a JSON object")
-    missing = [key for key in REQUIRED_KEYS if key not in meta]
-    if missing:
-        raise ArtifactError(f"artifact {uri}: {META_FILE} lacks required keys {', '.join(missing)}")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise ArtifactError(
-            f"artifact {uri} has format_version {meta['format_version']!r}; this pneumonet "
-            f"{pneumonet.__version__} reads format_version {FORMAT_VERSION}"
-        )
-    if not isinstance(meta["image_size"], int) or meta["image_size"] < 1:
-        raise ArtifactError(f"artifact {uri}: image_size must be a positive integer, got {meta['image_size']!r}")
-    names = meta["class_names"]
-    if not isinstance(names, list) or len(names) != 2 or not all(isinstance(name, str) for name in names):
-        raise ArtifactError(f"artifact {uri}: class_names must be two strings, got {names!r}")
-    threshold = meta["threshold"]
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-        raise ArtifactError(f"artifact {uri}: threshold must be a number in [0, 1], got {threshold!r}")
-    return meta
-
-
 def load_artifact(uri: str) -> Artifact:
     """Load and check an artifact; every defect is an :class:`ArtifactError` naming ``uri``."""
     uri = str(uri)
     try:
         if not storage.is_dir(uri):
             raise ArtifactError(f"artifact {uri} does not exist (no such folder or prefix)")
-        meta = _read_meta(uri)
+        meta = read_metadata(uri)
         model_uri = storage.join(uri, MODEL_FILE)
         if not storage.exists(model_uri):
             raise ArtifactError(f"artifact {uri} is incomplete: {MODEL_FILE} is missing")

@@ -164,12 +164,6 @@ def is_dir(uri: str) -> bool:
         return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
-def makedirs(uri: str) -> None:
-    fs, path = filesystem(uri)
-    with _reported(uri):
-        fs.create_dir(path, recursive=True)
-
-
 def list_files(uri: str, recursive: bool = True) -> list[FileEntry]:
     """Every file under a folder or prefix, sorted by URI; hidden files (``.name``) are skipped."""
     fs, path = filesystem(uri)

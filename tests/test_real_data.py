@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from conftest import REAL_DATA
+
 from pneumonet.config import load_config
 from pneumonet.data.catalog import scan, summarize
 from pneumonet.data.pipeline import load_image_set

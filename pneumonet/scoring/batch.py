@@ -30,12 +30,12 @@ import numpy as np
 import pyarrow as pa
 
 from pneumonet import storage
+from pneumonet.artifact_meta import read_metadata
 from pneumonet.config import Config, load_config
 from pneumonet.errors import DataError, PneumonetError
 from pneumonet.scoring import parts
 from pneumonet.scoring.cluster import init_ray
 from pneumonet.scoring.inputs import list_inputs, not_image_reason
-from pneumonet.scoring.meta import read_metadata
 from pneumonet.scoring.options import SCORE_DESCRIPTION, add_score_arguments
 from pneumonet.scoring.predict import decide
 from pneumonet.scoring.summary import summarize_output, write_summary

@@ -38,10 +38,10 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
 
+from pneumonet.artifact_meta import read_metadata
 from pneumonet.config import Config, load_config
 from pneumonet.data.images import load_image
 from pneumonet.errors import ConfigError, ImageDecodeError
-from pneumonet.scoring.meta import read_metadata
 from pneumonet.scoring.predict import decide
 from pneumonet.scoring.uploads import (
     MULTIPART,
