@@ -170,7 +170,7 @@ def credential_findings(text: str) -> list[str]:
 
 
 def test_credential_scan_catches_real_looking_keys() -> None:
-    assert credential_findings("AWS_ACCESS_KEY_ID=" + "AKIA" + "IOSFODNN7EXAMPLE"  # AWS docs example key, split so scanners of this repo stay quiet)
+    assert credential_findings("AWS_ACCESS_KEY_ID=" + "AKIA" + "IOSFODNN7EXAMPLE")  # AWS docs example, split for scanners
     assert credential_findings("AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
     assert credential_findings("WANDB_API_KEY=0123456789abcdef0123456789abcdef01234567")
     assert not credential_findings("AWS_SECRET_ACCESS_KEY=change-me-dev-password")
