@@ -27,18 +27,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 log = logging.getLogger("pneumonet")
 
 
-def _fmt(value: float | None) -> str:
-    """Three decimals, or a dash for a metric that is undefined (e.g. ROC-AUC with one class)."""
-    return "–" if value is None else f"{value:.3f}"
-
-
-def _headline(metrics: dict) -> str:
-    return (
-        f"accuracy {_fmt(metrics['accuracy'])}  ROC-AUC {_fmt(metrics['roc_auc'])}  "
-        f"sensitivity {_fmt(metrics['sensitivity'])}  specificity {_fmt(metrics['specificity'])}"
-    )
-
-
 def _print_json(data: object) -> None:
     print(json.dumps(data, indent=2, default=str))
 
@@ -78,10 +66,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from pneumonet.evaluation.metrics import headline
     from pneumonet.evaluation.run import evaluate_artifact
 
     metrics = evaluate_artifact(args.model, args.data, args.split, args.out)
-    print(f"n {metrics['n']}  {_headline(metrics)}  (threshold {metrics['threshold']:.3f} from validation) → {args.out}")
+    print(f"n {metrics['n']}  {headline(metrics)}  (threshold {metrics['threshold']:.3f} from validation) → {args.out}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

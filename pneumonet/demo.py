@@ -13,16 +13,13 @@ from pathlib import Path
 
 from pneumonet.config import VARIANTS, load_config
 from pneumonet.data.synthetic import synthesize_dataset
+from pneumonet.evaluation.metrics import format_metric
 from pneumonet.evaluation.plots import plot_comparison
 from pneumonet.training.variants import train_variants
 
 log = logging.getLogger(__name__)
 
 DEMO_CONFIG = files("pneumonet") / "configs" / "demo.yaml"
-
-
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
 
 
 def write_report(summaries: dict[str, dict], out: Path, seconds: float, config_note: str) -> Path:
@@ -42,11 +39,11 @@ def write_report(summaries: dict[str, dict], out: Path, seconds: float, config_n
     ]
     for name, m in results.items():
         ci = m.get("ci95", {})
-        acc_ci = "[{}, {}]".format(*map(_fmt, ci.get("accuracy") or [None, None]))
-        auc_ci = "[{}, {}]".format(*map(_fmt, ci.get("roc_auc") or [None, None]))
+        acc_ci = "[{}, {}]".format(*map(format_metric, ci.get("accuracy") or [None, None]))
+        auc_ci = "[{}, {}]".format(*map(format_metric, ci.get("roc_auc") or [None, None]))
         lines.append(
-            f"| {name} | {_fmt(m['accuracy'])} {acc_ci} | {_fmt(m['roc_auc'])} {auc_ci} | "
-            f"{_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} | {_fmt(m['threshold'])} |"
+            f"| {name} | {format_metric(m['accuracy'])} {acc_ci} | {format_metric(m['roc_auc'])} {auc_ci} | "
+            f"{format_metric(m['sensitivity'])} | {format_metric(m['specificity'])} | {format_metric(m['threshold'])} |"
         )
     lines += ["", "![comparison](comparison.png)", ""]
     for name, summary in summaries.items():

@@ -247,3 +247,16 @@ def compute_metrics(
             f"only {only} images ({len(labels)}): ROC-AUC, PR-AUC and the metrics of the missing class are undefined"
         )
     return _plain(result)
+
+
+def format_metric(value: float | None) -> str:
+    """Three decimals, or a dash for a metric that is undefined (e.g. ROC-AUC with one class)."""
+    return "–" if value is None else f"{value:.3f}"
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    """One line of the figures a clinician reads first."""
+    return (
+        f"accuracy {format_metric(metrics['accuracy'])}  ROC-AUC {format_metric(metrics['roc_auc'])}  "
+        f"sensitivity {format_metric(metrics['sensitivity'])}  specificity {format_metric(metrics['specificity'])}"
+    )

@@ -67,19 +67,13 @@ def train_from_args(args: argparse.Namespace) -> dict[str, dict]:
     return run_training(config, variants, root, storage_root, out=args.out, run_id=args.run_id, resume=args.resume)
 
 
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
 def print_summaries(summaries: dict[str, dict]) -> None:
     """One line per variant: the headline metrics (test if there is a test split, else validation)."""
+    from pneumonet.evaluation.metrics import headline
+
     for variant, summary in summaries.items():
         which = "test" if "test" in summary else "val"
-        m = summary[which]
-        print(
-            f"{variant:<9} {which} accuracy {_fmt(m['accuracy'])}  ROC-AUC {_fmt(m['roc_auc'])}  "
-            f"sensitivity {_fmt(m['sensitivity'])}  specificity {_fmt(m['specificity'])}  → {summary['artifact']}"
-        )
+        print(f"{variant:<9} {which} {headline(summary[which])}  → {summary['artifact']}")
 
 
 def run_job(argv: Sequence[str] | None = None, prog: str = "train", description: str | None = None) -> int:
