@@ -21,6 +21,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PNEUMONET_SHARED", REPO.parent / "shared"))
 REAL_DATA = SHARED / "data" / "chest-xray-224"
 
+# The smallest models that still exercise every variant (random MobileNet: plumbing, not learning).
+TINY_MODEL = [
+    "model.image_size=32",
+    "model.custom_filters=[8,16]",
+    "model.custom_dense_units=8",
+    "model.backbone=MobileNet",
+    "model.weights=none",
+    "model.head_units=8",
+    "model.finetune_layers=4",
+    "train.batch_size=8",
+]
+
 
 def _free_port() -> int:
     with socket.socket() as sock:

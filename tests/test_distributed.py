@@ -13,6 +13,7 @@ import time
 
 import pytest
 import ray
+from conftest import TINY_MODEL
 from wandb_records import offline_runs
 
 from pneumonet import storage
@@ -29,14 +30,7 @@ from pneumonet.training.runs import load_latest_artifact
 from pneumonet.training.worker import CRASH_AT_EPOCH_ENV, CRASH_MARKER_ENV
 
 TINY = [
-    "model.image_size=32",
-    "model.custom_filters=[8,16]",
-    "model.custom_dense_units=8",
-    "model.backbone=MobileNet",
-    "model.weights=none",
-    "model.head_units=8",
-    "model.finetune_layers=4",
-    "train.batch_size=8",
+    *TINY_MODEL,
     "train.epochs=2",
     "train.finetune_epochs=1",
     "data.decode_workers=2",

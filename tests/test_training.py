@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO
+from conftest import REPO, TINY_MODEL
 
 from pneumonet import storage
 from pneumonet.artifact import build_metadata, load_artifact, save_artifact
@@ -35,14 +35,7 @@ from pneumonet.training.variants import (
 )
 
 TINY = [
-    "model.image_size=32",
-    "model.custom_filters=[8,16]",
-    "model.custom_dense_units=8",
-    "model.backbone=MobileNet",
-    "model.weights=none",
-    "model.head_units=8",
-    "model.finetune_layers=4",
-    "train.batch_size=8",
+    *TINY_MODEL,
     "train.epochs=1",
     "train.finetune_epochs=1",
     "train.steps_per_epoch=1",
