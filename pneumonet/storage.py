@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 import pyarrow
@@ -165,7 +165,10 @@ def is_dir(uri: str) -> bool:
 
 
 def list_files(uri: str, recursive: bool = True) -> list[FileEntry]:
-    """Every file under a folder or prefix, sorted by URI; hidden files (``.name``) are skipped."""
+    """Every file under a folder or prefix, sorted by URI; hidden files (``.name``) are skipped.
+
+    Only the parts below ``uri`` count as hidden: a root such as ``../data`` or ``~/.cache/x`` is listed.
+    """
     fs, path = filesystem(uri)
     with _reported(uri):
         info = fs.get_file_info(path)
@@ -179,7 +182,8 @@ def list_files(uri: str, recursive: bool = True) -> list[FileEntry]:
     entries = [
         FileEntry(prefix + item.path, item.size or 0)
         for item in infos
-        if item.type == pafs.FileType.File and not any(part.startswith(".") for part in Path(item.path).parts)
+        if item.type == pafs.FileType.File
+        and not any(part.startswith(".") for part in PurePosixPath(item.path).relative_to(path).parts)
     ]
     return sorted(entries, key=lambda entry: entry.uri)
 

@@ -56,19 +56,55 @@ def limit_per_class(rows: pd.DataFrame, limit: int | None, seed: int) -> pd.Data
     return shuffled.groupby(["split", "label"]).head(limit).reset_index(drop=True)
 
 
+class RandomGamma(keras.layers.Layer):
+    """A random gamma curve per image, ``255 * (x / 255) ** g`` with ``log g`` uniform in ±``factor``.
+
+    Scanners and their post-processing differ in exposure curve more than in plain brightness; Keras
+    has no gamma layer.
+    """
+
+    def __init__(self, factor: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+        self.seed = seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        shape = (keras.ops.shape(images)[0], 1, 1, 1)
+        log_gamma = keras.random.uniform(shape, -self.factor, self.factor, seed=self.generator)
+        scaled = keras.ops.clip(images / 255.0, 1e-6, 1.0)
+        return 255.0 * keras.ops.power(scaled, keras.ops.exp(log_gamma))
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "factor": self.factor, "seed": self.seed}
+
+
 def augmentation(cfg: AugmentConfig, seed: int) -> keras.Sequential:
-    """Small geometric and photometric changes a radiograph can plausibly show (values stay in [0, 255])."""
+    """Geometric and photometric changes a radiograph from another site can plausibly show.
+
+    Values stay in [0, 255]. ``zoom_in`` and ``stretch`` vary the framing: the training archive frames
+    normal chests wider than pneumonia ones, a shortcut that does not transfer to other sites.
+    """
     steps: list[keras.layers.Layer] = []
     if cfg.rotation:
         steps.append(keras.layers.RandomRotation(cfg.rotation, fill_mode="constant", seed=seed))
     if cfg.shift:
         steps.append(keras.layers.RandomTranslation(cfg.shift, cfg.shift, fill_mode="constant", seed=seed + 1))
-    if cfg.zoom:
-        steps.append(keras.layers.RandomZoom(cfg.zoom, fill_mode="constant", seed=seed + 2))
+    if cfg.zoom or cfg.zoom_in:
+        # Keras: a negative factor zooms in.
+        steps.append(keras.layers.RandomZoom((-cfg.zoom_in or -cfg.zoom, cfg.zoom), fill_mode="constant", seed=seed + 2))
+    if cfg.stretch:
+        steps.append(keras.layers.RandomZoom(0.0, (-cfg.stretch, cfg.stretch), fill_mode="constant", seed=seed + 6))
     if cfg.brightness:
         steps.append(keras.layers.RandomBrightness(cfg.brightness, value_range=(0.0, 255.0), seed=seed + 3))
     if cfg.contrast:
         steps.append(keras.layers.RandomContrast(cfg.contrast, value_range=(0.0, 255.0), seed=seed + 4))
+    if cfg.gamma:
+        steps.append(RandomGamma(cfg.gamma, seed=seed + 7))
+    if cfg.blur:
+        steps.append(keras.layers.RandomGaussianBlur(factor=1.0, kernel_size=5, sigma=cfg.blur, value_range=(0.0, 255.0), seed=seed + 8))
     if cfg.horizontal_flip:
         steps.append(keras.layers.RandomFlip("horizontal", seed=seed + 5))
     return keras.Sequential(steps, name="augmentation")

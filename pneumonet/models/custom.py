@@ -35,7 +35,7 @@ def build_custom(cfg: ModelConfig, seed: int) -> keras.Model:
     def he() -> keras.initializers.Initializer:
         return keras.initializers.HeNormal(seed=next(seeds))
 
-    def conv_bn_relu(x, filters: int, name: str, separable: bool):
+    def conv_bn_relu(x, filters: int, name: str, separable: bool, strides: int = 1):
         if separable:
             # No L2 on depthwise kernels: 9 weights per channel, decaying them only hurts (MobileNet).
             x = layers.SeparableConv2D(
@@ -44,8 +44,8 @@ def build_custom(cfg: ModelConfig, seed: int) -> keras.Model:
             )(x)
         else:
             x = layers.Conv2D(
-                filters, 3, padding="same", use_bias=False, kernel_initializer=he(), kernel_regularizer=reg,
-                name=f"{name}_conv",
+                filters, 3, strides=strides, padding="same", use_bias=False, kernel_initializer=he(),
+                kernel_regularizer=reg, name=f"{name}_conv",
             )(x)
         x = layers.BatchNormalization(momentum=cfg.bn_momentum, name=f"{name}_bn")(x)
         return layers.ReLU(name=f"{name}_relu")(x)
@@ -54,7 +54,7 @@ def build_custom(cfg: ModelConfig, seed: int) -> keras.Model:
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(image)
     for block, filters in enumerate(cfg.custom_filters, start=1):
         separable = block > 1
-        x = conv_bn_relu(x, filters, f"block{block}a", separable)
+        x = conv_bn_relu(x, filters, f"block{block}a", separable, cfg.stem_stride if block == 1 else 1)
         x = conv_bn_relu(x, filters, f"block{block}b", separable)
         x = layers.MaxPooling2D(2, padding="same", name=f"block{block}_pool")(x)  # "same": odd sizes never reach 0
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
