@@ -13,7 +13,7 @@ after every epoch scores both the validation split and the site sample, so model
 * site-calibrated figures: a threshold chosen on a random half of the site patients (sensitivity
   ≥ 0.95), scored on the other half, averaged over 50 splits (what ``pneumonet calibrate`` buys).
 
-Per-epoch probabilities go to ``<out>/<recipe>-s<seed>/probs.npz`` so ensembles of runs can be
+Per-epoch probabilities go to ``<out>/<recipe>-s<seed>/probs.npz`` (and the model to ``model.keras``) so ensembles of runs can be
 scored without retraining (``--ensemble``).
 
     nice -n 5 python benchmarks/quality_experiments.py --data ../shared/data/chest-xray-224 \\
@@ -51,6 +51,10 @@ RECIPES: dict[str, list[str]] = {
     "photo": PHOTO,
     "frame_photo": FRAME + PHOTO,
     "frame_photo_ls": FRAME + PHOTO + ["train.label_smoothing=0.1"],
+    "frame_photo_std": FRAME + PHOTO + ["model.input_norm=per_image"],
+    "frame_photo_crop": FRAME + PHOTO + ["model.center_crop=0.85"],
+    "strongframe_photo": ["train.augment.zoom_in=0.4", "train.augment.stretch=0.25", "train.augment.shift=0.12",
+                          "train.augment.rotation=0.05", *PHOTO],
     "frame_photo_wide": FRAME + PHOTO + ["model.custom_filters=[32,64,128,256,256]"],
     "frame_photo_reg": FRAME + PHOTO + ["model.dropout=0.5", "model.l2=5e-4"],
 }
@@ -135,11 +139,12 @@ def run_recipe(name: str, config: Config, data, site, out: Path) -> dict:
               f"{auc(site.labels, per_epoch['site'][-1]):.4f}  {figures['images_per_second']:.0f} img/s", flush=True)
 
     started = time.perf_counter()
-    _, state = train_stage("custom", config, data, on_epoch_end=on_epoch_end)
+    model, state = train_stage("custom", config, data, on_epoch_end=on_epoch_end)
     seconds = time.perf_counter() - started
-    keras.backend.clear_session()
     folder = out / f"{name}-s{config.seed}"
     folder.mkdir(parents=True, exist_ok=True)
+    model.save(folder / "model.keras")  # best-validation weights, for Grad-CAM of the site's errors
+    keras.backend.clear_session()
     np.savez(folder / "probs.npz", val=np.array(per_epoch["val"]), site=np.array(per_epoch["site"]),
              val_labels=data.val.labels, site_labels=site.labels)  # fmt: skip
     site_truth = (site.labels, site.rows["patient_id"].to_numpy())

@@ -35,6 +35,7 @@ from pneumonet.artifact_meta import (  # noqa: F401  (re-exported: the artifact'
     INPUT_CONTRACT,
     META_FILE,
     MODEL_FILE,
+    operating_threshold,
     read_metadata,
 )
 from pneumonet.config import Config
@@ -72,7 +73,12 @@ class Artifact:
 
     @property
     def threshold(self) -> float:
-        return float(self.meta["threshold"])
+        """The operating threshold: the site's when calibrated, else the validation one."""
+        return operating_threshold(self.meta)[0]
+
+    @property
+    def threshold_source(self) -> str:
+        return operating_threshold(self.meta)[1]
 
     @property
     def image_size(self) -> int:
@@ -121,6 +127,22 @@ def save_artifact(model: keras.Model, meta: dict[str, Any], uri: str) -> str:
         storage.delete(storage.join(uri, META_FILE))
         storage.write_bytes(storage.join(uri, MODEL_FILE), model_path.read_bytes())
     storage.write_text(storage.join(uri, META_FILE), text + "\n")
+    return uri
+
+
+def derive_artifact(artifact: Artifact, meta: dict[str, Any], uri: str) -> str:
+    """A new artifact at ``uri`` with the very same ``model.keras`` bytes (so the same version) and ``meta``.
+
+    Used by calibration: the weights do not change, only what is known about them. ``pneumonet.json``
+    is written last, as in :func:`save_artifact`. Returns the artifact URI.
+    """
+    uri = str(uri) if storage.is_s3(str(uri)) else str(Path(uri).expanduser().absolute())
+    if uri.rstrip("/") == str(artifact.uri).rstrip("/"):
+        raise ArtifactError(f"refusing to overwrite the source artifact {uri}: write the derived one elsewhere")
+    meta = {**meta, "version": artifact.version}
+    storage.delete(storage.join(uri, META_FILE))
+    storage.write_bytes(storage.join(uri, MODEL_FILE), storage.read_bytes(storage.join(artifact.uri, MODEL_FILE)))
+    storage.write_text(storage.join(uri, META_FILE), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return uri
 
 

@@ -20,6 +20,7 @@ META_FILE = "pneumonet.json"
 FORMAT_VERSION = 1
 CLASS_NAMES = ["NORMAL", "PNEUMONIA"]
 REQUIRED_KEYS = ("format_version", "variant", "image_size", "threshold", "class_names", "version", "name")
+SITE_KEY = "site_calibration"
 INPUT_CONTRACT = {"channels": 1, "dtype": "uint8", "resize": "bilinear", "color": "grayscale", "range": [0, 255]}
 
 
@@ -47,7 +48,28 @@ def read_metadata(uri: str) -> dict[str, Any]:
     names = meta["class_names"]
     if not isinstance(names, list) or len(names) != 2 or not all(isinstance(name, str) for name in names):
         raise ArtifactError(f"artifact {uri}: class_names must be two strings, got {names!r}")
-    threshold = meta["threshold"]
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-        raise ArtifactError(f"artifact {uri}: threshold must be a number in [0, 1], got {threshold!r}")
+    _check_threshold(uri, "threshold", meta["threshold"])
+    site = meta.get(SITE_KEY)
+    if site is not None:
+        if not isinstance(site, dict) or "threshold" not in site:
+            raise ArtifactError(f"artifact {uri}: {SITE_KEY} must be an object with a threshold, got {site!r}")
+        _check_threshold(uri, f"{SITE_KEY}.threshold", site["threshold"])
     return meta
+
+
+def _check_threshold(uri: str, key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ArtifactError(f"artifact {uri}: {key} must be a number in [0, 1], got {value!r}")
+
+
+def operating_threshold(meta: dict[str, Any]) -> tuple[float, str]:
+    """The threshold scoring decides with, and where it came from: ``"site"`` or ``"validation"``.
+
+    ``pneumonet calibrate`` records a threshold chosen on the site's own labelled sample; it wins over
+    the training threshold (chosen on validation patients of the training distribution, which flatter
+    a model) because it was chosen on the images the model will see.
+    """
+    site = meta.get(SITE_KEY)
+    if site is not None:
+        return float(site["threshold"]), "site"
+    return float(meta["threshold"]), "validation"

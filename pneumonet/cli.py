@@ -70,7 +70,28 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from pneumonet.evaluation.run import evaluate_artifact
 
     metrics = evaluate_artifact(args.model, args.data, args.split, args.out)
-    print(f"n {metrics['n']}  {headline(metrics)}  (threshold {metrics['threshold']:.3f} from validation) → {args.out}")
+    source = metrics["threshold_source"]
+    print(f"n {metrics['n']}  {headline(metrics)}  (threshold {metrics['threshold']:.3f}, the {source} one) → {args.out}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from pneumonet.config import ThresholdConfig
+    from pneumonet.errors import ConfigError
+    from pneumonet.evaluation.calibrate import calibrate_artifact
+    from pneumonet.evaluation.metrics import headline
+
+    if not 0.0 < args.min_sensitivity < 1.0:
+        raise ConfigError(f"--min-sensitivity must be between 0 and 1 (exclusive), got {args.min_sensitivity:g}")
+    if args.policy == "youden":
+        policy = ThresholdConfig(policy="youden")
+    else:
+        policy = ThresholdConfig(policy="min_sensitivity", min_sensitivity=args.min_sensitivity)
+    record = calibrate_artifact(args.model, args.data, args.out, policy, split=args.split)
+    sample, site, before = record["sample"], record["at_site_threshold"], record["at_training_threshold"]
+    print(f"site sample: {sample['n']} images of {sample['n_patients']} patients ({sample['n_positive']} pneumonia)")
+    print(f"  training threshold {record['training_threshold']:.3f}: {headline(before)}")
+    print(f"  site threshold     {record['threshold']:.3f}: {headline(site)}")
+    print(f"  (95% intervals resample whole patients) → calibrated artifact {args.out}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -142,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
     evaluate.add_argument("--out", required=True, help="where metrics.json and the PNGs go")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="choose the decision threshold on a site's labelled sample; writes a new artifact"
+    )
+    calibrate.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")
+    calibrate.add_argument("--data", required=True, help="the site's labelled sample: test/{NORMAL,PNEUMONIA}/ or flat")
+    calibrate.add_argument("--split", default="test", choices=("train", "test"), help="the sample's split folder")
+    calibrate.add_argument("--out", required=True, help="where the calibrated artifact goes (not the source)")
+    policy = calibrate.add_mutually_exclusive_group()
+    policy.add_argument("--min-sensitivity", type=float, default=0.95, metavar="S",
+                        help="highest threshold with sensitivity >= S on the sample (default 0.95)")  # fmt: skip
+    policy.add_argument("--policy", choices=("youden",), help="maximise sensitivity + specificity instead")
+    calibrate.set_defaults(func=cmd_calibrate)
 
     predict = commands.add_parser("predict", help="score a few image files")
     predict.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")

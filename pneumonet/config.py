@@ -64,6 +64,12 @@ class ModelConfig(_Strict):
     head_units: int = Field(256, ge=0, description="Hidden units in the new head (0: none).")
     custom_filters: list[int] = Field([32, 64, 128, 256], min_length=1)
     custom_dense_units: int = Field(128, ge=8)
+    input_norm: Literal["rescale", "per_image"] = Field(
+        "rescale", description="custom CNN input scaling: /255, or each image to zero mean and unit variance."
+    )
+    center_crop: float = Field(
+        1.0, gt=0.3, le=1.0, description="custom CNN: keep this central fraction of the image (drops borders and markers)."
+    )
     stem_stride: int = Field(
         1, ge=1, le=4, description="Stride of the custom CNN's first conv; 2 trains ~5x faster on CPU."
     )

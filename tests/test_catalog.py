@@ -141,3 +141,14 @@ def test_limit_per_class_keeps_columns_and_caps_each_class(synthetic_root):
     assert list(limited.columns) == list(rows.columns)
     assert limited.groupby(["split", "label"]).size().max() == 3
     assert set(limited["split"]) == set(rows["split"])
+
+
+def test_a_flat_sample_counts_as_test(tmp_path):
+    """<root>/NORMAL and <root>/PNEUMONIA with no split folder: a site's sample, catalogued as test."""
+    storage.write_bytes(str(tmp_path / "NORMAL" / "NORMAL-1-0001.jpeg"), b"x")
+    storage.write_bytes(str(tmp_path / "PNEUMONIA" / "VIRUS-2-0001.jpeg"), b"x")
+    storage.write_bytes(str(tmp_path / "other" / "NORMAL" / "NORMAL-3-0001.jpeg"), b"x")  # not flat: ignored
+    manifest = scan(str(tmp_path))
+    assert sorted(manifest["label"]) == ["NORMAL", "PNEUMONIA"]
+    assert set(manifest["split"]) == {"test"}
+    assert sorted(manifest["patient_id"]) == ["1", "2"]

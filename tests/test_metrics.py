@@ -239,3 +239,31 @@ def test_evaluate_predictions_single_class(tmp_path) -> None:
     assert metrics["roc_auc"] is None and "warning" in metrics
     assert json.loads((tmp_path / "metrics.json").read_text())["roc_auc"] is None
     assert len(metrics["plots"]) == 4
+
+
+def test_patient_bootstrap_resamples_whole_patients() -> None:
+    """Grouped draws: each resample picks patients with replacement and keeps all of a patient's images."""
+    labels, probs = _separable_scores(8, n=40)
+    groups = np.repeat(np.arange(20), 2)
+    labels = labels[groups * 2]  # both images of a patient share the label
+    rng = np.random.default_rng(5)
+    _, member = np.unique(groups, return_inverse=True)
+    weights = rng.multinomial(20, np.full(20, 1 / 20), size=30)[:, member]
+    aucs = []
+    for row in weights:
+        y, p = np.repeat(labels, row), np.repeat(probs, row)
+        aucs.append(skm.roc_auc_score(y, p) if 0 < y.sum() < len(y) else np.nan)
+    aucs = np.array(aucs)
+    expected = list(np.percentile(aucs[np.isfinite(aucs)], [2.5, 97.5]))
+    assert bootstrap_ci(labels, probs, 0.5, 30, 5, groups=groups)["roc_auc"] == pytest.approx(expected)
+
+
+def test_patient_bootstrap_is_wider_when_images_repeat_a_patient() -> None:
+    """Ten copies of each patient's image are one observation, not ten: the grouped interval must say so."""
+    labels, probs = _separable_scores(9, n=40)
+    labels, probs, groups = np.repeat(labels, 10), np.repeat(probs, 10), np.repeat(np.arange(40), 10)
+    by_image = compute_metrics(labels, probs, 0.5, n_bootstrap=400)["ci95"]["accuracy"]
+    by_patient = compute_metrics(labels, probs, 0.5, n_bootstrap=400, groups=groups)
+    assert by_patient["ci95_grouped_by"] == "patient"
+    width = by_patient["ci95"]["accuracy"][1] - by_patient["ci95"]["accuracy"][0]
+    assert width > 2 * (by_image[1] - by_image[0])

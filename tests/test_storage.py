@@ -49,3 +49,14 @@ def test_wrong_credentials_are_a_clear_error(s3_bucket, monkeypatch):
     assert s3_bucket in str(err.value)
     assert "cannot reach" in str(err.value)
     assert "testing" not in str(err.value)  # the secret never appears in messages
+
+
+def test_a_root_reached_through_dotdot_or_a_hidden_folder_is_listed(tmp_path, monkeypatch):
+    """Only the parts below the listed root count as hidden: ``../data`` and ``~/.cache/x`` must list."""
+    root = tmp_path / ".cache" / "data"
+    storage.write_bytes(str(root / "a.bin"), b"1")
+    storage.write_bytes(str(root / ".skip" / "b.bin"), b"2")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert [e.size for e in storage.list_files("../.cache/data")] == [1]
+    assert [e.size for e in storage.list_files(str(root))] == [1]

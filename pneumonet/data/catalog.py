@@ -64,13 +64,19 @@ def parse_name(filename: str) -> ParsedName | None:
 
 
 def _locate(relative: PurePosixPath) -> tuple[str, str] | None:
-    """(split, class) from the innermost ``<split>/<CLASS>/`` pair of folders in a relative path."""
+    """(split, class) from the innermost ``<split>/<CLASS>/`` pair of folders in a relative path.
+
+    A flat sample (``<root>/<CLASS>/…`` with no split folder anywhere) counts as a ``test`` split:
+    that is how a site's labelled sample or a folder to evaluate usually arrives.
+    """
     folders = [part.lower() for part in relative.parts[:-1]]
     if any(part in _IGNORED_FOLDERS for part in folders):
         return None
     for i in range(len(folders) - 2, -1, -1):
         if folders[i] in SPLITS and folders[i + 1].upper() in CLASS_NAMES:
             return folders[i], folders[i + 1].upper()
+    if folders and folders[0].upper() in CLASS_NAMES and not any(part in SPLITS for part in folders):
+        return "test", folders[0].upper()
     return None
 
 
@@ -109,7 +115,7 @@ def scan(root: str) -> pd.DataFrame:
     if not any(row["error"] is None for row in rows):
         raise DataError(
             f"{root}: no usable images found; expected the Kaggle layout "
-            "<root>/{train,test,val}/{NORMAL,PNEUMONIA}/*.jpeg"
+            "<root>/{train,test,val}/{NORMAL,PNEUMONIA}/*.jpeg (or a flat <root>/{NORMAL,PNEUMONIA}/ sample)"
         )
     frame = pd.DataFrame(rows).reindex(columns=list(MANIFEST_COLUMNS))
     frame["bytes"] = frame["bytes"].astype("int64")

@@ -25,14 +25,18 @@ def evaluate_predictions(
     subtypes: Sequence[str] | None = None,
     title: str = "",
     n_bootstrap: int = 1000,
+    groups: Sequence[str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compute metrics at ``threshold`` and write ``metrics.json`` and four PNG plots under ``out_uri``.
 
     Files are rendered into a temporary folder and then copied with :func:`storage.upload_dir`,
     so a local folder and an ``s3://`` prefix behave the same and local files appear atomically.
-    Returns the metrics with ``"plots"``: the names of the PNG files written.
+    Returns the metrics with ``"plots"``: the names of the PNG files written. ``groups`` (patient
+    ids) makes the intervals patient-grouped; ``extra`` keys are added to ``metrics.json``.
     """
-    metrics = compute_metrics(y_true, y_prob, threshold, subtypes=subtypes, n_bootstrap=n_bootstrap)
+    metrics = compute_metrics(y_true, y_prob, threshold, subtypes=subtypes, n_bootstrap=n_bootstrap, groups=groups)
+    metrics.update(extra or {})
     with tempfile.TemporaryDirectory(prefix="pneumonet-eval-") as tmp:
         folder = Path(tmp)
         written = [

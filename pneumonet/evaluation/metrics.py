@@ -144,51 +144,70 @@ def _percentiles(values: np.ndarray) -> list[float] | None:
     return [float(v) for v in np.percentile(values, [tail, 100.0 - tail])]
 
 
-def _resample_stats(
-    rng: np.random.Generator, pos: np.ndarray, neg: np.ndarray, threshold: float, rows: int
+def _weighted_stats(
+    pos: np.ndarray, neg: np.ndarray, w_pos: np.ndarray, w_neg: np.ndarray, threshold: float
 ) -> np.ndarray:
-    """(rows, 4) accuracy, ROC-AUC, sensitivity, specificity of ``rows`` stratified resamples (NaN: undefined)."""
-    n_pos, n_neg = len(pos), len(neg)
+    """(rows, 4) accuracy, ROC-AUC, sensitivity, specificity of resamples given as multiplicities (NaN: undefined).
 
-    def weights(n: int) -> np.ndarray:  # multiplicity of each item in each resample
-        return rng.multinomial(n, np.full(n, 1.0 / n), size=rows) if n else np.zeros((rows, 0), dtype=np.int64)
-
-    w_pos, w_neg = weights(n_pos), weights(n_neg)
+    Row ``i`` of ``w_pos``/``w_neg`` says how often each positive/negative occurs in resample ``i``; the
+    AUC of all rows at once is the Mann-Whitney statistic computed from cumulative negative counts.
+    """
+    rows = len(w_pos)
+    n_pos, n_neg = w_pos.sum(axis=1).astype(float), w_neg.sum(axis=1).astype(float)
     tp = w_pos @ (pos >= threshold)
     tn = w_neg @ (neg < threshold)
-    nan = np.full(rows, np.nan)
-    auc = nan
-    if n_pos and n_neg:
+    auc = np.full(rows, np.nan)
+    if len(pos) and len(neg):
         order = np.argsort(neg, kind="stable")
         sorted_neg = neg[order]
-        cum = np.zeros((rows, n_neg + 1), dtype=np.int64)
+        cum = np.zeros((rows, len(neg) + 1), dtype=np.int64)
         np.cumsum(w_neg[:, order], axis=1, out=cum[:, 1:])
         below = np.searchsorted(sorted_neg, pos, side="left")
         upto = np.searchsorted(sorted_neg, pos, side="right")
         wins = cum[:, below] + 0.5 * (cum[:, upto] - cum[:, below])  # negatives each positive beats (ties: half)
-        auc = np.einsum("ij,ij->i", w_pos, wins) / (n_pos * n_neg)
-    sens = tp / n_pos if n_pos else nan
-    spec = tn / n_neg if n_neg else nan
-    return np.column_stack([(tp + tn) / (n_pos + n_neg), auc, sens, spec])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            auc = np.einsum("ij,ij->i", w_pos, wins) / (n_pos * n_neg)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.column_stack([(tp + tn) / (n_pos + n_neg), auc, tp / n_pos, tn / n_neg])
 
 
 def bootstrap_ci(
-    labels: np.ndarray, probs: np.ndarray, threshold: float, n_bootstrap: int, seed: int
+    labels: np.ndarray,
+    probs: np.ndarray,
+    threshold: float,
+    n_bootstrap: int,
+    seed: int,
+    groups: np.ndarray | None = None,
 ) -> dict[str, list[float] | None]:
-    """Stratified percentile-bootstrap 95% intervals for accuracy, ROC-AUC, sensitivity, specificity.
+    """Percentile-bootstrap 95% intervals for accuracy, ROC-AUC, sensitivity, specificity.
 
-    Stratified (positives and negatives resampled separately, counts kept) so every resample
-    holds both classes whenever the data does, and AUC is never undefined in a resample.
-    Vectorised: a resample is a row of multiplicities (multinomial counts), and the AUC of all
-    rows at once is the Mann-Whitney statistic computed from cumulative negative counts.
-    Resamples are drawn in chunks of about 4 million cells, so memory stays ~100 MB at any size.
+    Without ``groups``: stratified (positives and negatives resampled separately, counts kept), so
+    every resample holds both classes whenever the data does. With ``groups`` (patient ids): whole
+    patients are resampled, because the images of one child are not independent and treating them
+    as such makes the intervals too narrow; a resample that misses a class leaves that figure out.
+    A resample is a row of multiplicities; resamples are drawn in chunks of about 4 million cells,
+    so memory stays ~100 MB at any size.
     """
     rng = np.random.default_rng(seed)
-    pos, neg = probs[labels == 1], probs[labels == 0]
+    positive = labels == 1
+    pos, neg = probs[positive], probs[~positive]
+    if groups is not None:
+        _, member = np.unique(np.asarray(groups), return_inverse=True)
+        n_groups = int(member.max()) + 1
+
+    def draw(rows: int) -> tuple[np.ndarray, np.ndarray]:
+        if groups is not None:
+            per_image = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=rows)[:, member]
+            return per_image[:, positive], per_image[:, ~positive]
+        return tuple(  # type: ignore[return-value]
+            rng.multinomial(n, np.full(n, 1.0 / n), size=rows) if n else np.zeros((rows, 0), dtype=np.int64)
+            for n in (len(pos), len(neg))
+        )
+
     chunk = max(1, 4_000_000 // len(labels))
     stats = np.concatenate(
         [
-            _resample_stats(rng, pos, neg, threshold, min(chunk, n_bootstrap - start))
+            _weighted_stats(pos, neg, *draw(min(chunk, n_bootstrap - start)), threshold)
             for start in range(0, n_bootstrap, chunk)
         ]
     )
@@ -202,11 +221,13 @@ def compute_metrics(
     subtypes: Sequence[str] | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Every number a report needs for one set of predictions at one threshold (JSON-ready).
 
     ``subtypes`` (e.g. normal/bacteria/virus, aligned with ``y_true``) adds a per-subtype
-    breakdown; ``n_bootstrap=0`` skips the confidence intervals (``ci95`` values are None).
+    breakdown; ``n_bootstrap=0`` skips the confidence intervals (``ci95`` values are None);
+    ``groups`` (patient ids) makes them patient-grouped (``ci95_grouped_by``: "patient").
     """
     labels, probs = check_inputs(y_true, y_prob)
     if not (isinstance(threshold, (int, float, np.number)) and 0.0 <= float(threshold) <= 1.0):
@@ -235,11 +256,12 @@ def compute_metrics(
         "classification_report": report,
         "per_subtype": _per_subtype(labels, preds, subtypes) if subtypes is not None else {},
         "ci95": (
-            bootstrap_ci(labels, probs, threshold, n_bootstrap, seed)
+            bootstrap_ci(labels, probs, threshold, n_bootstrap, seed, None if groups is None else np.asarray(groups))
             if n_bootstrap
             else dict.fromkeys(CI_KEYS)
         ),
         "n_bootstrap": n_bootstrap,
+        "ci95_grouped_by": "image" if groups is None else "patient",
     }
     if not both_classes:
         only = CLASS_NAMES[int(labels[0])]

@@ -25,6 +25,7 @@ import keras
 from keras import layers
 
 from pneumonet.config import ModelConfig
+from pneumonet.models.layers import PerImageStandardization
 
 
 def build_custom(cfg: ModelConfig, seed: int) -> keras.Model:
@@ -51,7 +52,14 @@ def build_custom(cfg: ModelConfig, seed: int) -> keras.Model:
         return layers.ReLU(name=f"{name}_relu")(x)
 
     image = keras.Input((cfg.image_size, cfg.image_size, 1), name="image")
-    x = layers.Rescaling(1.0 / 255.0, name="rescale")(image)
+    x = image
+    if cfg.center_crop < 1.0:
+        side = max(8, round(cfg.image_size * cfg.center_crop))
+        x = layers.CenterCrop(side, side, name="center_crop")(x)
+    if cfg.input_norm == "per_image":
+        x = PerImageStandardization(name="standardize")(x)
+    else:
+        x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
     for block, filters in enumerate(cfg.custom_filters, start=1):
         separable = block > 1
         x = conv_bn_relu(x, filters, f"block{block}a", separable, cfg.stem_stride if block == 1 else 1)

@@ -80,3 +80,20 @@ class BackbonePreprocess(keras.layers.Layer):
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "backbone": self.backbone}
 
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PerImageStandardization(keras.layers.Layer):
+    """Scale each image to zero mean and unit variance over its own pixels.
+
+    Scanners and their post-processing differ in exposure and contrast; standardising inside the
+    graph takes that difference away from the model, and the saved model stays self-contained.
+    """
+
+    def call(self, inputs: Any) -> Any:
+        mean = ops.mean(inputs, axis=(1, 2, 3), keepdims=True)
+        std = ops.std(inputs, axis=(1, 2, 3), keepdims=True)
+        return (inputs - mean) / ops.maximum(std, 1e-3)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return tuple(input_shape)

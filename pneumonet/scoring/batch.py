@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from pneumonet import storage
-from pneumonet.artifact_meta import read_metadata
+from pneumonet.artifact_meta import operating_threshold, read_metadata
 from pneumonet.config import Config, load_config
 from pneumonet.errors import DataError, PneumonetError
 from pneumonet.scoring import parts
@@ -221,9 +221,10 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, config: Confi
                 f"{output}: {summary['missing']} inputs have no row and {summary['duplicate_rows']} rows repeat "
                 "a URI; run the job again to score the missing ones"
             )
+        threshold, source = operating_threshold(meta)
         summary.update(model=model_id, model_uri=model_uri, input=input_uri, output=output,
-                       threshold=meta["threshold"], run=stats.as_dict())  # fmt: skip
-        write_summary(output, summary, float(meta["threshold"]), f"{model_id} on {input_uri}")
+                       threshold=threshold, threshold_source=source, run=stats.as_dict())  # fmt: skip
+        write_summary(output, summary, threshold, f"{model_id} on {input_uri}")
         run.summary({key: value for key, value in summary.items() if key != "failure_examples"})
     return summary
 

@@ -38,7 +38,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
 
-from pneumonet.artifact_meta import read_metadata
+from pneumonet.artifact_meta import operating_threshold, read_metadata
 from pneumonet.config import Config, load_config
 from pneumonet.data.images import load_image
 from pneumonet.errors import ConfigError, ImageDecodeError
@@ -66,7 +66,7 @@ MIN_ONGOING_REQUESTS = 32
 MAX_MODEL_FAILURES = 3
 _ACCEPTED = ", ".join(sorted(RAW_TYPES)) + f" or {MULTIPART}"
 _META_KEYS = ("name", "version", "variant", "backbone", "image_size", "threshold", "class_names", "positive_class",
-              "val_metrics", "input", "preprocessing", "manifest_digest", "created_at")  # fmt: skip
+              "val_metrics", "input", "preprocessing", "manifest_digest", "created_at", "site_calibration")  # fmt: skip
 
 api = FastAPI(title="Pneumonet", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -120,6 +120,7 @@ class PneumonetModel:
         self._model_failures = 0
         meta = self._artifact.meta
         self._info = {key: meta.get(key) for key in _META_KEYS}
+        self._info["operating_threshold"], self._info["threshold_source"] = operating_threshold(meta)
         self._model = {"name": self._artifact.name, "version": self._artifact.version}
         # Trace the graph now: the first real request must not pay for it, and a model that cannot
         # run fails the replica's start instead of its first request.
@@ -182,7 +183,8 @@ class PneumonetModel:
         }
 
     def _envelope(self, started: float, body: dict[str, Any]) -> dict[str, Any]:
-        return {**body, "threshold": self._artifact.threshold, "model": self._model,
+        return {**body, "threshold": self._artifact.threshold, "threshold_source": self._artifact.threshold_source,
+                "model": self._model,
                 "latency_ms": round((time.perf_counter() - started) * 1000, 2)}  # fmt: skip
 
     @api.get("/healthz")

@@ -26,7 +26,7 @@ def predict_files(model_uri: str, uris: list[str], artifact: Artifact | None = N
     results = []
     for i, uri in enumerate(uris):
         row = {"uri": uri, "probability": None, "prediction": None, "threshold": artifact.threshold,
-               "model": f"{artifact.name}:{artifact.version}", "error": loaded.failures.get(uri)}  # fmt: skip
+               "threshold_source": artifact.threshold_source, "model": f"{artifact.name}:{artifact.version}", "error": loaded.failures.get(uri)}  # fmt: skip
         if i in by_index:
             row["probability"] = float(by_index[i])
             row["prediction"] = decide(row["probability"], artifact.threshold)

@@ -1,0 +1,170 @@
+"""Evaluating exactly the split asked for, and site calibration (``pneumonet evaluate`` / ``calibrate``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pneumonet import storage
+from pneumonet.artifact import build_metadata, load_artifact, save_artifact
+from pneumonet.cli import main
+from pneumonet.config import ThresholdConfig, load_config
+from pneumonet.data.catalog import manifest_digest, scan, usable
+from pneumonet.data.pipeline import limit_per_class
+from pneumonet.data.split import assign_validation
+from pneumonet.errors import DataError
+from pneumonet.evaluation.calibrate import calibrate_artifact, required_positives
+from pneumonet.evaluation.metrics import choose_threshold
+from pneumonet.evaluation.run import decode_split, evaluate_artifact
+from pneumonet.scoring.predict import predict_files
+
+SIZE = 32
+MODEL = [f"model.image_size={SIZE}", "model.custom_filters=[8,16]", "model.custom_dense_units=8"]
+
+
+@pytest.fixture(scope="module")
+def site_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root with only test/ (~75 pneumonia, ~25 normal images): what a hospital's labelled sample looks like."""
+    from pneumonet.data.synthetic import synthesize_dataset
+
+    full = synthesize_dataset(tmp_path_factory.mktemp("full"), n=400, size=48, seed=11)
+    root = tmp_path_factory.mktemp("site")
+    shutil.copytree(full / "test", root / "test")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An untrained tiny CNN: its scores are arbitrary but deterministic, which is all calibration needs."""
+    from pneumonet.models import build_model
+
+    config = load_config(None, MODEL)
+    meta = build_metadata(variant="custom", config=config, threshold=0.5, val_metrics={}, manifest_digest=None)
+    return save_artifact(build_model("custom", config.model, seed=3), meta, str(tmp_path_factory.mktemp("m") / "model"))
+
+
+def counts(root: Path) -> tuple[int, int]:
+    rows = usable(scan(str(root)))
+    return int((rows["label"] == "PNEUMONIA").sum()), int((rows["label"] == "NORMAL").sum())
+
+
+def test_evaluate_a_root_that_holds_only_test(model_uri: str, site_root: Path, tmp_path: Path) -> None:
+    metrics = evaluate_artifact(model_uri, str(site_root), "test", str(tmp_path / "eval"))
+    positives, negatives = counts(site_root)
+    assert metrics["n"] == positives + negatives
+    assert metrics["threshold_source"] == "validation" and metrics["threshold"] == 0.5
+    assert metrics["ci95_grouped_by"] == "patient"
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == metrics["n"]
+
+
+def test_evaluate_a_flat_folder(model_uri: str, site_root: Path, tmp_path: Path) -> None:
+    flat = tmp_path / "flat"
+    for label in ("NORMAL", "PNEUMONIA"):
+        shutil.copytree(site_root / "test" / label, flat / label)
+    flat_metrics = evaluate_artifact(model_uri, str(flat), "test", str(tmp_path / "a"))
+    nested_metrics = evaluate_artifact(model_uri, str(site_root), "test", str(tmp_path / "b"))
+    assert flat_metrics["n"] == nested_metrics["n"]
+    assert flat_metrics["roc_auc"] == pytest.approx(nested_metrics["roc_auc"])
+
+
+def test_evaluate_a_missing_split_names_what_exists(model_uri: str, site_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"no usable images in the train split \(splits found: test\)"):
+        evaluate_artifact(model_uri, str(site_root), "train", str(tmp_path / "eval"))
+
+
+def test_evaluate_val_only_on_the_training_manifest(synthetic_root: Path, tmp_path: Path) -> None:
+    """val is re-derived with the artifact's seed, fraction and limit, and refused on other data."""
+    from pneumonet.models import build_model
+
+    config = load_config(None, [*MODEL, "data.limit_per_class=6"])
+    rows = assign_validation(scan(str(synthetic_root)), config.data.val_fraction, config.seed, config.data.merge_val_folder)
+    rows = limit_per_class(rows, config.data.limit_per_class, config.seed)
+    meta = build_metadata(variant="custom", config=config, threshold=0.5, val_metrics={},
+                          manifest_digest=manifest_digest(usable(rows)))  # fmt: skip
+    uri = save_artifact(build_model("custom", config.model, seed=1), meta, str(tmp_path / "model"))
+    metrics = evaluate_artifact(uri, str(synthetic_root), "val", str(tmp_path / "eval"))
+    assert metrics["n"] == int((usable(rows)["split"] == "val").sum()) <= 12  # the limit holds
+    other = tmp_path / "other"
+    shutil.copytree(synthetic_root, other)
+    next((other / "train" / "PNEUMONIA").iterdir()).unlink()
+    with pytest.raises(DataError, match="not the dataset .* was trained on"):
+        evaluate_artifact(uri, str(other), "val", str(tmp_path / "eval2"))
+
+
+def test_calibrate_chooses_the_site_threshold_and_keeps_the_model(model_uri: str, site_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "calibrated"
+    policy = ThresholdConfig(policy="min_sensitivity", min_sensitivity=0.95)
+    record = calibrate_artifact(model_uri, str(site_root), str(out), policy, n_bootstrap=200)
+
+    source, calibrated = load_artifact(model_uri), load_artifact(str(out))
+    images = decode_split(source, str(site_root), "test")
+    probs = source.predict_proba(images.images)
+    assert record["threshold"] == choose_threshold(images.labels, probs, policy)
+    assert calibrated.version == source.version  # the very same model.keras
+    assert calibrated.meta["threshold"] == source.meta["threshold"] == 0.5  # training threshold kept
+    assert calibrated.threshold == record["threshold"] and calibrated.threshold_source == "site"
+    sample = record["sample"]
+    assert sample["n"] == len(images.labels) and sample["manifest_digest"] == manifest_digest(images.rows)
+    assert record["at_site_threshold"]["sensitivity"] >= 0.95
+    assert record["at_site_threshold"]["ci95_grouped_by"] == "patient"
+    assert record["at_training_threshold"]["threshold"] == 0.5
+
+    # Every door decides with the site threshold and says so.
+    metrics = evaluate_artifact(str(out), str(site_root), "test", str(tmp_path / "eval"))
+    assert metrics["threshold"] == record["threshold"] and metrics["threshold_source"] == "site"
+    assert metrics["sensitivity"] >= 0.95
+    uri = images.rows["uri"].iloc[0]
+    assert predict_files(str(out), [uri])[0]["threshold_source"] == "site"
+    assert (out / "evaluation" / "site" / "roc_curve.png").exists()
+    assert (out / "evaluation" / "site" / "predictions.csv").exists()
+
+
+def test_calibrate_refuses_a_sample_too_small(model_uri: str, site_root: Path, tmp_path: Path) -> None:
+    positives, _ = counts(site_root)
+    assert 60 <= positives < 300, "the fixture must support 0.95 but not 0.99"
+    assert required_positives(ThresholdConfig(min_sensitivity=0.99)) == 300
+    with pytest.raises(DataError, match=rf"too small .*{positives} PNEUMONIA images, and sensitivity >= 0.99 needs at least 300"):
+        calibrate_artifact(model_uri, str(site_root), str(tmp_path / "c"), ThresholdConfig(min_sensitivity=0.99))
+    assert not (tmp_path / "c").exists()
+
+
+def test_calibrate_refuses_to_overwrite_its_source(model_uri: str, site_root: Path) -> None:
+    from pneumonet.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="refusing to overwrite the source artifact"):
+        calibrate_artifact(model_uri, str(site_root), model_uri, ThresholdConfig(), n_bootstrap=0)
+
+
+def test_calibrate_cli_from_and_to_s3(model_uri: str, site_root: Path, s3_bucket: str, capsys) -> None:
+    storage.upload_dir(site_root, f"{s3_bucket}/site")
+    storage.upload_dir(model_uri, f"{s3_bucket}/models/m")
+    main(["calibrate", "--model", f"{s3_bucket}/models/m", "--data", f"{s3_bucket}/site", "--out",
+          f"{s3_bucket}/models/m-site", "--policy", "youden"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "site threshold" in printed and "training threshold 0.500" in printed
+    calibrated = load_artifact(f"{s3_bucket}/models/m-site")
+    assert calibrated.threshold_source == "site"
+    assert calibrated.meta["site_calibration"]["policy"]["policy"] == "youden"
+
+
+def test_calibrate_cli_rejects_a_bad_sensitivity(model_uri: str, site_root: Path, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--model", model_uri, "--data", str(site_root), "--out", str(tmp_path / "x"),
+              "--min-sensitivity", "1.5"])  # fmt: skip
+    assert "--min-sensitivity must be between 0 and 1" in capsys.readouterr().err
+
+
+def test_a_damaged_site_threshold_is_refused(model_uri: str, tmp_path: Path) -> None:
+    from pneumonet.errors import ArtifactError
+
+    target = tmp_path / "m"
+    shutil.copytree(model_uri, target)
+    meta = json.loads((target / "pneumonet.json").read_text())
+    meta["site_calibration"] = {"threshold": 1.7}
+    (target / "pneumonet.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=r"site_calibration.threshold must be a number in \[0, 1\]"):
+        load_artifact(str(target))
+
