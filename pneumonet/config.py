@@ -70,6 +70,9 @@ class ModelConfig(_Strict):
     center_crop: float = Field(
         1.0, gt=0.3, le=1.0, description="custom CNN: keep this central fraction of the image (drops borders and markers)."
     )
+    members: int = Field(
+        1, ge=1, le=8, description="custom CNN: independently trained networks averaged in one model (an ensemble)."
+    )
     stem_stride: int = Field(
         1, ge=1, le=4, description="Stride of the custom CNN's first conv; 2 trains ~5x faster on CPU."
     )

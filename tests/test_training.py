@@ -245,3 +245,23 @@ def test_job_entrypoint_help_runs_from_the_repo_root():
     for flag in ("--config", "--variant", "--data", "--storage", "--workers", "--cpus-per-worker", "--gpus-per-worker",
                  "--resume", "--run-id", "--out", "KEY=VALUE"):  # fmt: skip
         assert flag in result.stdout
+
+
+def test_an_ensemble_trains_each_member_on_its_own_loss_and_averages_them(data) -> None:
+    """model.members: one artifact, several networks; the trained model has one output column per member."""
+    from pneumonet.explain import gradcam
+
+    config = load_config(None, [*TINY, "model.members=3", "train.steps_per_epoch=2"])
+    stage = build_stage("custom", config)
+    assert stage.trained.output_shape == (None, 3) and stage.model.output_shape == (None, 1)
+    before = [np.array(w) for w in stage.model.get_weights()]
+    model, state = train_stage("custom", config, data)
+    assert state.epoch == 1
+    images = data.val.images[:4].astype("float32")
+    columns = np.asarray(build_stage("custom", config).trained(images))
+    assert not np.allclose(columns[:, 0], columns[:, 1])  # members start from different weights
+    assert any(not np.allclose(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+    members = [model.get_layer(f"member{i}") for i in range(3)]
+    mean = np.mean([np.asarray(member(images)) for member in members], axis=0)
+    np.testing.assert_allclose(np.asarray(model(images)), mean, rtol=1e-5)
+    assert gradcam(model, data.val.images[0]).shape == data.val.images[0].shape[:2]

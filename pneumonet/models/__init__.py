@@ -6,7 +6,7 @@ import keras
 
 from pneumonet.config import VARIANTS, ModelConfig
 from pneumonet.models.backbone import build_backbone
-from pneumonet.models.custom import build_custom
+from pneumonet.models.custom import build_custom, member_outputs
 from pneumonet.models.transfer import TransferParts, build_transfer, find_backbone, unfreeze_tail
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "build_model",
     "build_transfer",
     "find_backbone",
+    "member_outputs",
     "unfreeze_tail",
 ]
 

@@ -29,7 +29,32 @@ from pneumonet.models.layers import PerImageStandardization
 
 
 def build_custom(cfg: ModelConfig, seed: int) -> keras.Model:
-    """The uncompiled custom CNN, named "custom"; the same ``seed`` gives the same initial weights."""
+    """The uncompiled custom CNN, named "custom"; the same ``seed`` gives the same initial weights.
+
+    With ``cfg.members`` > 1 it is an ensemble in one model: that many networks (``member0`` …) from
+    different initial weights, whose probabilities are averaged by the ``probability`` layer. Training
+    fits each member on its own loss (:func:`member_outputs`), so they stay independent models.
+    """
+    if cfg.members == 1:
+        return _network(cfg, seed, "custom")
+    image = keras.Input((cfg.image_size, cfg.image_size, 1), name="image")
+    outputs = [_network(cfg, seed + 1000 * i, f"member{i}")(image) for i in range(cfg.members)]
+    return keras.Model(image, layers.Average(name="probability")(outputs), name="custom")
+
+
+def member_outputs(model: keras.Model) -> keras.Model:
+    """The model to train: each member's probability as one column (N, members); shares every weight.
+
+    A one-network model is returned as it is.
+    """
+    average = model.get_layer("probability")
+    if not isinstance(average, layers.Average):
+        return model
+    return keras.Model(model.input, layers.Concatenate(name="members")(average.input), name=f"{model.name}_members")
+
+
+def _network(cfg: ModelConfig, seed: int, name: str) -> keras.Model:
+    """One CNN from pixels to P(PNEUMONIA)."""
     seeds = count(seed)
     reg = keras.regularizers.L2(cfg.l2) if cfg.l2 > 0 else None
 
@@ -78,4 +103,4 @@ def build_custom(cfg: ModelConfig, seed: int) -> keras.Model:
         kernel_initializer=keras.initializers.GlorotUniform(seed=next(seeds)),
         name="probability",
     )(x)
-    return keras.Model(image, output, name="custom")
+    return keras.Model(image, output, name=name)

@@ -138,8 +138,9 @@ def predict_batches(model: keras.Model, inputs: np.ndarray, batch_size: int = 64
 
 
 def predict_probabilities(model: keras.Model, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Probabilities of PNEUMONIA, one per input."""
-    return predict_batches(model, inputs, batch_size).reshape(-1).astype("float64")
+    """Probabilities of PNEUMONIA, one per input (the members' mean when the model outputs one column each)."""
+    outputs = predict_batches(model, inputs, batch_size)
+    return outputs.reshape(len(outputs), -1).mean(axis=1).astype("float64")
 
 
 # --- collectives over workers (identity with one worker) -----------------------------------------
@@ -251,9 +252,9 @@ class Fitter:
     def _replica_step(self, x, y, global_batch):
         w0, w1 = (float(w) for w in self.settings.class_weight)
         with tf.GradientTape() as tape:
-            probs = tf.cast(self.model(x, training=True), tf.float32)
+            probs = tf.cast(self.model(x, training=True), tf.float32)  # (N, members): each its own loss
             per_example = keras.losses.binary_crossentropy(
-                tf.reshape(y, (-1, 1)), probs, label_smoothing=self.settings.label_smoothing
+                tf.broadcast_to(tf.reshape(y, (-1, 1)), tf.shape(probs)), probs, label_smoothing=self.settings.label_smoothing
             )
             weights = tf.where(y > 0.5, w1, w0)
             loss = tf.reduce_sum(per_example * weights) / global_batch
@@ -267,7 +268,8 @@ class Fitter:
             bad = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, bad)
             grads = [None if g is None else tf.where(bad > 0, tf.fill(tf.shape(g), math.nan), g) for g in grads]
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables, strict=True))
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.cast(tf.reshape(probs, [-1]) >= 0.5, tf.float32), y), tf.float32))
+        mean = tf.reduce_mean(probs, axis=-1)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.cast(mean >= 0.5, tf.float32), y), tf.float32))
         return loss * global_batch, correct, tf.cast(tf.size(y), tf.float32)
 
     def _distributed_step(self, x, y, global_batch):

@@ -32,7 +32,7 @@ from pneumonet.errors import DataError
 from pneumonet.evaluation import evaluate_predictions
 from pneumonet.evaluation.metrics import choose_threshold
 from pneumonet.evaluation.plots import plot_training_curves
-from pneumonet.models import build_model
+from pneumonet.models import build_model, member_outputs
 from pneumonet.models.transfer import build_transfer, unfreeze_tail
 from pneumonet.training.loop import (
     EpochHook,
@@ -147,7 +147,7 @@ def build_stage(variant: Variant, config: Config, transfer_uri: str | None = Non
     keras.utils.set_random_seed(config.seed)
     if variant == "custom":
         model = build_model("custom", config.model, config.seed)
-        return Stage(model, model)
+        return Stage(model, member_outputs(model))
     if variant == "transfer":
         parts = build_transfer(config.model, config.seed)
         if config.train.cache_features:
