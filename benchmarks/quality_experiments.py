@@ -52,6 +52,7 @@ RECIPES: dict[str, list[str]] = {
     "frame_photo": FRAME + PHOTO,
     "frame_photo_ls": FRAME + PHOTO + ["train.label_smoothing=0.1"],
     "frame_photo_std": FRAME + PHOTO + ["model.input_norm=per_image"],
+    "debias_photo_std": FRAME + PHOTO + ["model.input_norm=per_image", "train.augment.normal_zoom_in=0.35"],
     "frame_photo_crop": FRAME + PHOTO + ["model.center_crop=0.85"],
     "strongframe_photo": ["train.augment.zoom_in=0.4", "train.augment.stretch=0.25", "train.augment.shift=0.12",
                           "train.augment.rotation=0.05", *PHOTO],
