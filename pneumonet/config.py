@@ -160,6 +160,10 @@ class ServeConfig(_Strict):
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
     max_request_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_batch_images: int = Field(32, ge=1)
+    queue_timeout_s: float = Field(
+        0.5, gt=0.0, description="A request whose image cannot start its model call this soon after reaching a replica gets 503."
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) of every 503 the endpoint sends when overloaded.")
     auth_token_env: str = Field("PNEUMONET_API_TOKEN", description="Env var holding the bearer token; unset: no auth.")
 
 

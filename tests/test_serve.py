@@ -1,8 +1,9 @@
-"""The online endpoint on Ray Serve: scoring, dynamic batching, every bad request, auth, Grad-CAM.
+"""The online endpoint on Ray Serve: scoring, dynamic batching, every bad request, auth, Grad-CAM,
+overload (503 + Retry-After), per-image answers under concurrency and a replica killed mid-flight.
 
-One local Ray (2 CPUs) and one Serve instance on 127.0.0.1 for the module, with two applications
-of the same model: "open" at / (no token) and "secure" at /secure (bearer token from an env var
-that is set before Ray starts, so the replicas inherit it).
+One local Ray (2 CPUs) and one Serve instance on 127.0.0.1 for the module, with applications of
+the same model: "open" at / (no token), "secure" at /secure (bearer token from an env var that is
+set before Ray starts, so the replicas inherit it), and three with their own limits (see APPS).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import base64
 import io
 import socket
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +27,7 @@ from pneumonet.artifact import build_metadata, load_artifact, save_artifact
 from pneumonet.config import load_config
 from pneumonet.data.images import load_image
 from pneumonet.errors import ConfigError
+from pneumonet.scoring.proxy import CALLBACK, CALLBACK_ENV
 from pneumonet.scoring.uploads import ApiError, parse_multipart, token_from_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +38,18 @@ SERVE_OVERRIDES = ["serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.1", "
 TOKEN_ENV = "PNEUMONET_TEST_SERVE_TOKEN"
 TOKEN = "t0ken-that-must-never-be-logged-5f3a9c"
 TIMEOUT = 60
+# Replicas share the module's 2 CPUs; the request paths (not the CPU count) are what is tested.
+REPLICA = {"ray_actor_options": {"num_cpus": 0.1}}
+# route prefix -> (serve overrides, deployment options)
+APPS = {
+    # A lone request waits 2 s for its batch to fill, far past queue_timeout_s: refused with 503.
+    "hurried": (["serve.batch_wait_timeout_s=2.0", "serve.queue_timeout_s=0.3", "serve.retry_after_s=2"], {}),
+    # One request in the replica, one queued at the proxy: the third is Serve's 503 at once.
+    "narrow": (["serve.batch_wait_timeout_s=1.0", "serve.queue_timeout_s=10"],
+               {"max_ongoing_requests": 1, "max_queued_requests": 1}),
+    # Killed while requests are in flight.
+    "restart": (["serve.batch_wait_timeout_s=0.2", "serve.queue_timeout_s=10"], {}),
+}  # fmt: skip
 
 
 def png(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
@@ -78,15 +93,19 @@ def endpoint(model_uri: str) -> Iterator[str]:
 
     mp = pytest.MonkeyPatch()
     mp.setenv(TOKEN_ENV, TOKEN)
+    mp.setenv(CALLBACK_ENV, CALLBACK)  # the proxy's middleware (pneumonet.scoring.proxy)
     mp.delenv("PNEUMONET_API_TOKEN", raising=False)
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         base = [*MODEL_OVERRIDES, *SERVE_OVERRIDES]
-        serve.run(build_app(model_uri, load_config(None, base)), name="open", route_prefix="/")
+        serve.run(build_app(model_uri, load_config(None, base), **REPLICA), name="open", route_prefix="/")
         secure = load_config(None, [*base, f"serve.auth_token_env={TOKEN_ENV}"])
-        serve.run(build_app(model_uri, secure), name="secure", route_prefix="/secure")
+        serve.run(build_app(model_uri, secure, **REPLICA), name="secure", route_prefix="/secure")
+        for name, (overrides, options) in APPS.items():
+            app = build_app(model_uri, load_config(None, [*base, *overrides]), **REPLICA, **options)
+            serve.run(app, name=name, route_prefix=f"/{name}")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -266,3 +285,139 @@ def test_app_builder_checks_its_args(model_uri: str, monkeypatch: pytest.MonkeyP
     with pytest.raises(ConfigError, match="serve.max_batch_size"):
         app_builder({"model": model_uri, "overrides": ["serve.max_batch_size=0"]})
     assert app_builder({"model": model_uri, "overrides": ["serve.max_batch_size=4"]}) is not None
+
+
+def distinct_images(count: int) -> list[bytes]:
+    """PNGs of different brightness, so that the model scores them apart."""
+    images = []
+    for i in range(count):
+        pixels = np.random.default_rng(100 + i).integers(0, 64, (40, 40)) + int(i * 190 / count)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    return images
+
+
+def expected_probabilities(model_uri: str, images: list[bytes]) -> np.ndarray:
+    decoded = np.stack([load_image(data, "x.png", SIZE) for data in images])
+    return load_artifact(model_uri).predict_proba(decoded)
+
+
+def test_each_response_carries_the_score_of_its_own_image_under_concurrent_load(endpoint: str, model_uri: str) -> None:
+    images = distinct_images(32)
+    expected = expected_probabilities(model_uri, images)
+    gaps = np.diff(np.sort(expected))
+    assert gaps.min() > 1e-4, "the test images must score apart, or a mix-up would go unseen"
+
+    def one(index: int) -> tuple[int, requests.Response]:
+        return index, post(f"{endpoint}/v1/predict", data=images[index], headers={"Content-Type": "image/png"})
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, [i % 32 for i in range(64)]))
+    assert all(r.status_code == 200 for _, r in answers), [r.text for _, r in answers if r.status_code != 200]
+    got = np.array([r.json()["probability"] for _, r in answers])
+    want = expected[[i for i, _ in answers]]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert max(r.json()["batch_size"] for _, r in answers) > 1  # images really shared model calls
+
+
+def test_a_request_that_cannot_start_in_time_gets_503_with_retry_after(endpoint: str) -> None:
+    start = time.perf_counter()
+    response = post(f"{endpoint}/hurried/v1/predict", data=png(10), headers={"Content-Type": "image/png"})
+    elapsed = time.perf_counter() - start
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"] == "2"
+    assert "serve.queue_timeout_s" in response.json()["error"]
+    assert elapsed < 1.5, f"refused after {elapsed:.2f} s; the batch wait is 2 s and queue_timeout_s 0.3 s"
+
+
+def test_a_full_queue_gets_serves_503_with_retry_after_at_once(endpoint: str, model_uri: str) -> None:
+    url = f"{endpoint}/narrow/v1/predict"
+
+    def one(seed: int) -> tuple[float, requests.Response]:
+        start = time.perf_counter()
+        response = post(url, data=png(seed), headers={"Content-Type": "image/png"})
+        return time.perf_counter() - start, response
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(one, range(20, 24)))
+    refused = [(t, r) for t, r in answers if r.status_code == 503]
+    accepted = [(t, r) for t, r in answers if r.status_code == 200]
+    assert len(accepted) + len(refused) == 4, [r.status_code for _, r in answers]
+    assert refused and accepted, [r.status_code for _, r in answers]
+    for elapsed, response in refused:
+        assert response.headers["Retry-After"] == "1"  # serve.retry_after_s, through backpressure_config
+        assert elapsed < 0.9, f"Serve's 503 took {elapsed:.2f} s; it must not wait for the 1 s batch"
+    for _, response in accepted:
+        seed = 20 + [r for _, r in answers].index(response)
+        assert response.json()["probability"] == pytest.approx(expected_probability(model_uri, png(seed)), abs=1e-5)
+
+
+def serve_replica(app: str):
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#"
+    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    return ray.get_actor(name, namespace="serve")
+
+
+def test_a_replica_killed_mid_flight_leaves_no_caller_hanging_or_misinformed(endpoint: str, model_uri: str) -> None:
+    import ray
+    from ray import serve
+
+    url = f"{endpoint}/restart/v1/predict"
+    images = distinct_images(12)
+    expected = expected_probabilities(model_uri, images)
+
+    def one(index: int) -> tuple[int, float, requests.Response]:
+        start = time.perf_counter()
+        response = post(url, data=images[index], headers={"Content-Type": "image/png"})
+        return index, time.perf_counter() - start, response
+
+    with ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(one, i) for i in range(12)]
+        time.sleep(0.1)  # the requests are in the replica's batch queue (batch wait 0.2 s)
+        ray.kill(serve_replica("restart"), no_restart=True)
+        answers = [f.result(timeout=TIMEOUT + 5) for f in futures]
+    statuses = sorted(r.status_code for _, _, r in answers)
+    print("statuses while killed:", statuses)
+    assert set(statuses) <= {200, 503}, [r.text for _, _, r in answers if r.status_code not in (200, 503)]
+    for index, _, response in answers:
+        if response.status_code == 200:
+            assert response.json()["probability"] == pytest.approx(float(expected[index]), abs=1e-5)
+    deadline = time.monotonic() + 90  # Serve starts a new replica
+    while serve.status().applications["restart"].deployments["PneumonetModel"].status != "HEALTHY":
+        assert time.monotonic() < deadline, "no new replica within 90 s"
+        time.sleep(1)
+    assert post(url, data=images[0], headers={"Content-Type": "image/png"}).status_code == 200
+
+
+def test_proxy_middleware_answers_only_requests_nobody_answered() -> None:
+    import asyncio
+
+    from pneumonet.scoring.proxy import AnswerUnanswered
+
+    async def silent(scope, receive, send) -> None:  # the proxy when the replica died
+        return None
+
+    async def crashing(scope, receive, send) -> None:
+        raise RuntimeError("replica died")
+
+    async def answering(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def run(app) -> list[dict]:
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        asyncio.run(AnswerUnanswered(app)({"type": "http", "method": "POST", "path": "/v1/predict"}, None, send))
+        return sent
+
+    for app in (silent, crashing):
+        start, body = run(app)
+        assert start["status"] == 503 and (b"retry-after", b"1") in start["headers"]
+        assert "retry" in body["body"].decode()
+    assert [m.get("status") for m in run(answering)] == [200, None]

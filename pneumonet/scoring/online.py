@@ -10,7 +10,7 @@ One ingress deployment, ``PneumonetModel`` (FastAPI), per replica one model:
   others are still scored (200 overall); refusing the whole request is for request-level faults.
 - ``GET /v1/model``: the artifact's metadata. ``GET /healthz``: liveness, never authenticated.
 
-Every refusal is a 4xx with ``{"error": "..."}``: 400 malformed request or empty body, 401 bad or
+Every refusal is a 4xx or a 503 with ``{"error": "..."}``: 400 malformed request or empty body, 401 bad or
 missing bearer token (when the env var named by ``serve.auth_token_env`` is set), 413 body over
 ``serve.max_request_bytes`` (checked on Content-Length and while reading) or more images than
 ``serve.max_batch_images``, 415 unsupported content type, 422 not a decodable image (corrupt,
@@ -18,6 +18,13 @@ unknown format, over ``data.max_image_pixels``). Images are decoded in the reque
 batching, so only good images ever reach the model; concurrent requests are then scored together
 (``@serve.batch``, ``serve.max_batch_size``/``serve.batch_wait_timeout_s``) and each response says
 in ``batch_size`` how many images shared its model call.
+
+Overload is refused fast, with 503 and ``Retry-After: serve.retry_after_s``, never by making every
+caller wait: a replica holds at most ``max_ongoing_requests`` requests, each proxy queues at most
+``max_queued_requests`` more (Serve's own backpressure: one over gets 503 at once), and a request
+whose image has not started its model call ``serve.queue_timeout_s`` after reaching the replica is
+taken out of the batch queue and answered 503. Time spent in the proxy's queue is bounded by its
+length, not by the clock: keep ``max_queued_requests`` near what the replicas score in that time.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` type in the
@@ -27,6 +34,7 @@ import base64
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,6 +44,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException
 
 from pneumonet.artifact_meta import operating_threshold, read_metadata
@@ -62,6 +71,9 @@ DEPLOYMENT = "PneumonetModel"
 APP_NAME = "pneumonet"
 # Serve needs at least max_batch_size requests in flight per replica to ever fill a batch.
 MIN_ONGOING_REQUESTS = 32
+# Requests a proxy holds while every replica is full (serve/config.yaml and the RayService set it
+# per environment): about what one replica scores within serve.queue_timeout_s.
+MAX_QUEUED_REQUESTS = 16
 # A replica whose model call failed this many times in a row reports unhealthy and is replaced.
 MAX_MODEL_FAILURES = 3
 _ACCEPTED = ", ".join(sorted(RAW_TYPES)) + f" or {MULTIPART}"
@@ -73,8 +85,7 @@ api = FastAPI(title="Pneumonet", docs_url=None, redoc_url=None, openapi_url=None
 
 @api.exception_handler(ApiError)
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers or None)
 
 
 @api.exception_handler(HTTPException)
@@ -101,7 +112,18 @@ def _source(upload_name: str | None, content_type: str) -> str:
     return "upload.dcm" if content_type == "application/dicom" else "upload"
 
 
-@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=MIN_ONGOING_REQUESTS, health_check_period_s=10)
+@dataclass
+class _Ticket:
+    """One image in the batch queue; ``started`` tells a caller out of time whether it may still leave."""
+
+    image: np.ndarray
+    started: bool = False
+
+
+@serve.deployment(
+    name=DEPLOYMENT, max_ongoing_requests=MIN_ONGOING_REQUESTS, max_queued_requests=MAX_QUEUED_REQUESTS,
+    health_check_period_s=10,
+)  # fmt: skip
 @serve.ingress(api)
 class PneumonetModel:
     """One replica: the artifact, loaded and warmed up before the replica reports ready."""
@@ -137,15 +159,22 @@ class PneumonetModel:
             raise RuntimeError(f"the model failed on {self._model_failures} batches in a row")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # replaced from serve.* in __init__
-    async def _score(self, images: list[np.ndarray]) -> list[tuple[float, int]]:
+    async def _score(self, tickets: list[_Ticket]) -> list[tuple[float, int]]:
         """P(PNEUMONIA) for images from concurrent requests, scored in one model call."""
+        for ticket in tickets:
+            ticket.started = True
+        images = np.stack([ticket.image for ticket in tickets])
         try:
-            probs = await asyncio.to_thread(self._artifact.predict_proba, np.stack(images), len(images))
+            probs = await asyncio.to_thread(self._artifact.predict_proba, images, len(tickets))
         except Exception:
             self._model_failures += 1
             raise
         self._model_failures = 0
-        return [(float(p), len(images)) for p in probs]
+        return [(float(p), len(tickets)) for p in probs]
+
+    def _overloaded(self) -> ApiError:
+        return ApiError(503, f"overloaded: no model call could take this image within {self._serve.queue_timeout_s} s "
+                             "(serve.queue_timeout_s); retry later", {"Retry-After": str(self._serve.retry_after_s)})  # fmt: skip
 
     def _authorize(self, request: Request) -> None:
         check_bearer(request.headers.get("authorization"), self._token)
@@ -174,8 +203,18 @@ class PneumonetModel:
             log.exception("unexpected decoder error on %s", source)
             raise ApiError(422, f"{source}: cannot decode image ({type(exc).__name__})") from None
 
-    async def _scored(self, image: np.ndarray) -> dict[str, Any]:
-        probability, batch_size = await self._score(image)
+    async def _scored(self, image: np.ndarray, deadline: float) -> dict[str, Any]:
+        """Score one image, or refuse it (503) if its model call has not started by ``deadline``."""
+        ticket = _Ticket(image)
+        scoring = asyncio.ensure_future(self._score(ticket))
+        try:
+            await asyncio.wait({scoring}, timeout=max(0.0, deadline - time.monotonic()))
+            if not scoring.done() and not ticket.started:
+                raise self._overloaded()
+            probability, batch_size = await scoring
+        finally:  # out of time, or the caller went away: leave the queue, so no batch scores it for nobody
+            if not ticket.started:
+                scoring.cancel()
         return {
             "probability": probability,
             "prediction": decide(probability, self._artifact.threshold),
@@ -194,13 +233,14 @@ class PneumonetModel:
     @api.get("/v1/model")
     async def model_info(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
-        limits = {key: getattr(self._serve, key) for key in ("max_batch_size", "batch_wait_timeout_s",
-                                                              "max_request_bytes", "max_batch_images")}  # fmt: skip
+        limits = {key: getattr(self._serve, key) for key in ("max_batch_size", "batch_wait_timeout_s", "max_request_bytes",
+                                                              "max_batch_images", "queue_timeout_s", "retry_after_s")}  # fmt: skip
         return {**self._info, "serving": limits}
 
     @api.post("/v1/predict")
     async def predict(self, request: Request, explain: str | None = None) -> dict[str, Any]:
         started = time.perf_counter()
+        deadline = time.monotonic() + self._serve.queue_timeout_s
         self._authorize(request)
         if explain not in (None, "gradcam"):
             raise ApiError(400, f"unknown explain={explain!r}; the only explanation is 'gradcam'")
@@ -213,7 +253,7 @@ class PneumonetModel:
         else:
             upload = Upload("body", None, body)
         image = await self._decode(upload.data, _source(upload.filename, content_type))
-        result = await self._scored(image)
+        result = await self._scored(image, deadline)
         if explain == "gradcam":
             from pneumonet.explain.gradcam import gradcam, overlay_png
 
@@ -226,6 +266,7 @@ class PneumonetModel:
     @api.post("/v1/predict/batch")
     async def predict_batch(self, request: Request) -> dict[str, Any]:
         started = time.perf_counter()
+        deadline = time.monotonic() + self._serve.queue_timeout_s
         self._authorize(request)
         _, body = await self._body(request, frozenset({MULTIPART}))
         files = [u for u in parse_multipart(body, request.headers["content-type"]) if u.field == "files"]
@@ -241,7 +282,7 @@ class PneumonetModel:
                 image = await self._decode(upload.data, _source(name, "image"))
             except ApiError as exc:
                 return {"filename": name, "error": exc.message}
-            return {"filename": name, **(await self._scored(image))}
+            return {"filename": name, **(await self._scored(image, deadline))}
 
         results = await asyncio.gather(*(one(i, upload) for i, upload in enumerate(files)))
         return self._envelope(started, {"results": list(results)})
@@ -257,10 +298,15 @@ class AppArgs(BaseModel):
     overrides: list[str] = []
 
 
-def build_app(model_uri: str, config: Config) -> Application:
-    """The application for one model; Serve config files may still override the deployment options."""
-    ongoing = max(MIN_ONGOING_REQUESTS, 2 * config.serve.max_batch_size)
-    return PneumonetModel.options(max_ongoing_requests=ongoing).bind(model_uri, config)
+def build_app(model_uri: str, config: Config, **options: Any) -> Application:
+    """The application for one model; ``options`` (tests, benchmarks) and Serve config files may
+    still override the deployment options. Serve's own 503 (a full proxy queue) carries the same
+    Retry-After as the replica's."""
+    defaults = {
+        "max_ongoing_requests": max(MIN_ONGOING_REQUESTS, 2 * config.serve.max_batch_size),
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=config.serve.retry_after_s),
+    }
+    return PneumonetModel.options(**{**defaults, **options}).bind(model_uri, config)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
@@ -276,10 +322,12 @@ def app_builder(args: dict[str, Any]) -> Application:
 def serve_locally(model_uri: str, config: Config, host: str | None = None, port: int | None = None) -> None:
     """``pneumonet serve``: a local Ray with the application on host:port, until Ctrl-C."""
     from pneumonet.scoring.cluster import init_ray
+    from pneumonet.scoring.proxy import CALLBACK, CALLBACK_ENV
 
     read_metadata(model_uri)  # a wrong path fails here, not as a replica that never starts
     host = host or config.serve.host
     port = port or config.serve.port
+    os.environ.setdefault(CALLBACK_ENV, CALLBACK)  # the local Ray's proxy inherits it
     init_ray()
     serve.start(http_options={"host": host, "port": port})
     try:

@@ -25,12 +25,13 @@ MULTIPART = "multipart/form-data"
 
 
 class ApiError(Exception):
-    """A refused request: HTTP ``status`` and a message that is safe to show the client."""
+    """A refused request: HTTP ``status``, a message that is safe to show the client, extra headers."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = dict(headers or {})
 
 
 @dataclass(frozen=True)
@@ -135,4 +136,5 @@ def check_bearer(authorization: str | None, token: str | None) -> None:
         return
     scheme, _, given = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise ApiError(401, "missing or invalid bearer token (send 'Authorization: Bearer <token>')")
+        raise ApiError(401, "missing or invalid bearer token (send 'Authorization: Bearer <token>')",
+                       {"WWW-Authenticate": "Bearer"})  # fmt: skip
