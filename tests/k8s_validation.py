@@ -697,3 +697,25 @@ def secret_data(doc: dict[str, Any]) -> dict[str, str]:
     data = {key: base64.b64decode(value).decode() for key, value in (doc.get("data") or {}).items()}
     data.update(doc.get("stringData") or {})
     return data
+
+
+def overload_problems(deployment: dict[str, Any], max_batch_size: int, where: str) -> list[str]:
+    """The PneumonetModel deployment's queue bounds and autoscaling follow one signal (online.py):
+    a bounded proxy queue, room in the replica for two batches and its admitted queue, and a scaling
+    target under the point where a replica starts refusing."""
+    problems = []
+    ongoing = deployment.get("max_ongoing_requests", 0)
+    queued = deployment.get("max_queued_requests", -1)
+    scaling = deployment.get("autoscaling_config") or {}
+    if ongoing < 2 * max_batch_size:
+        problems.append(f"{where}: max_ongoing_requests {ongoing} < 2 x serve.max_batch_size {max_batch_size}")
+    if not 0 < queued <= ongoing:
+        problems.append(f"{where}: max_queued_requests {queued} must be bounded (1..max_ongoing_requests)")
+    target = scaling.get("target_ongoing_requests")
+    if not (target and max_batch_size <= target < ongoing):
+        problems.append(f"{where}: target_ongoing_requests {target} must be in [max_batch_size, max_ongoing_requests)")
+    if not 1 <= scaling.get("min_replicas", 0) < scaling.get("max_replicas", 0):
+        problems.append(f"{where}: autoscaling needs 1 <= min_replicas < max_replicas")
+    if "backpressure_config" in deployment:
+        problems.append(f"{where}: backpressure_config comes from serve.retry_after_s (build_app); do not restate it")
+    return problems

@@ -615,9 +615,34 @@ def test_serve_config_fits_the_app_config(builds: dict) -> None:
         (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
         (deployment,) = app["deployments"]
         assert deployment["name"] == "PneumonetModel"
-        assert deployment["max_ongoing_requests"] >= max_batch
+        assert not kv.overload_problems(deployment, max_batch, env)
         assert app["import_path"] == "serve.app:app_builder" and app["route_prefix"] == "/"
         assert app["args"]["model"].startswith("s3://")
+
+
+@needs_kubectl
+def test_every_serve_node_runs_the_proxy_middleware(builds: dict) -> None:
+    """Every Ray node of the RayService runs a Serve proxy (proxy_location EveryNode): each must
+    load pneumonet.scoring.proxy, or a request whose replica dies gets a bare 500 there."""
+    from pneumonet.scoring.proxy import CALLBACK, CALLBACK_ENV
+
+    for env in ("dev", "gpu"):
+        service = workload(builds, env, "RayService", "pneumonet-serve")
+        for where, template in kv.pod_templates(service):
+            for _, container in kv.containers(template):
+                values = {e["name"]: e.get("value") for e in container.get("env") or []}
+                assert values.get(CALLBACK_ENV) == CALLBACK, f"{env} {where} {container['name']}"
+
+
+def test_overload_check_catches_mistakes() -> None:
+    good = {"max_ongoing_requests": 64, "max_queued_requests": 16,
+            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16}}  # fmt: skip
+    assert not kv.overload_problems(good, 16, "x")
+    for change in ({"max_ongoing_requests": 16}, {"max_queued_requests": -1}, {"max_queued_requests": 256},
+                   {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64}},
+                   {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 16}},
+                   {"backpressure_config": {"retry_after_s": 5}}):  # fmt: skip
+        assert kv.overload_problems({**good, **change}, 16, "x"), change
 
 
 def serve_apps(config: dict[str, Any]) -> dict[str, tuple[str, set[str]]]:

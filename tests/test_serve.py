@@ -271,7 +271,7 @@ def test_serve_config_file_is_valid_and_fills_batches() -> None:
     assert app["import_path"] == "serve.app:app_builder" and app["route_prefix"] == "/"
     (deployment,) = app["deployments"]
     assert deployment["name"] == "PneumonetModel"
-    assert deployment["max_ongoing_requests"] >= load_config().serve.max_batch_size
+    assert not kv.overload_problems(deployment, load_config().serve.max_batch_size, "serve/config.yaml")
 
 
 def test_app_builder_checks_its_args(model_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -421,3 +421,22 @@ def test_proxy_middleware_answers_only_requests_nobody_answered() -> None:
         assert start["status"] == 503 and (b"retry-after", b"1") in start["headers"]
         assert "retry" in body["body"].decode()
     assert [m.get("status") for m in run(answering)] == [200, None]
+
+
+def test_admission_refuses_on_arrival_what_would_wait_past_the_queue_timeout() -> None:
+    from pneumonet.scoring.admission import Admission
+
+    admission = Admission(queue_timeout_s=0.5, max_batch_size=16)
+    assert admission.admits(1000)  # no model call timed yet: nothing to judge by
+    admission.timed(16, 0.32)  # 20 ms per image: a full batch takes 0.32 s
+    assert admission.expected_wait(16) == 0 and admission.admits(32)  # the second batch starts after 0.32 s
+    admission.queued(16)
+    assert admission.expected_wait(16) == pytest.approx(0.32) and admission.admits(16)
+    admission.queued(16)  # a 33rd image would have two full batches ahead of it: 0.64 s
+    assert not admission.admits(1)
+    admission.started(16)
+    assert admission.admits(1) and admission.waiting == 16
+    admission.left(100)
+    assert admission.waiting == 0
+    admission.timed(16, 0.96)  # a slower call moves the average, not all the way
+    assert admission.seconds_per_image == pytest.approx(0.02 + 0.2 * (0.06 - 0.02))

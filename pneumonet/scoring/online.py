@@ -20,11 +20,14 @@ batching, so only good images ever reach the model; concurrent requests are then
 in ``batch_size`` how many images shared its model call.
 
 Overload is refused fast, with 503 and ``Retry-After: serve.retry_after_s``, never by making every
-caller wait: a replica holds at most ``max_ongoing_requests`` requests, each proxy queues at most
-``max_queued_requests`` more (Serve's own backpressure: one over gets 503 at once), and a request
-whose image has not started its model call ``serve.queue_timeout_s`` after reaching the replica is
-taken out of the batch queue and answered 503. Time spent in the proxy's queue is bounded by its
-length, not by the clock: keep ``max_queued_requests`` near what the replicas score in that time.
+caller wait. A replica refuses on arrival, before reading the body, a request whose images would
+not start their model call within ``serve.queue_timeout_s`` given the images already waiting and
+the recent speed of the model (:mod:`pneumonet.scoring.admission`); an image still waiting at that
+deadline anyway leaves the batch queue and its request gets 503. A replica holds at most
+``max_ongoing_requests`` requests; while every replica is full, each proxy queues at most
+``max_queued_requests`` more (Serve's own backpressure: one over gets Serve's 503, plain text, at
+once). Time in the proxy's queue is bounded by its length, not by the clock, so
+``max_ongoing_requests`` is set high enough that the replica, not the proxy, does the queueing.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` type in the
@@ -51,6 +54,7 @@ from pneumonet.artifact_meta import operating_threshold, read_metadata
 from pneumonet.config import Config, load_config
 from pneumonet.data.images import load_image
 from pneumonet.errors import ConfigError, ImageDecodeError
+from pneumonet.scoring.admission import Admission
 from pneumonet.scoring.predict import decide
 from pneumonet.scoring.uploads import (
     MULTIPART,
@@ -69,8 +73,11 @@ log = logging.getLogger(__name__)
 
 DEPLOYMENT = "PneumonetModel"
 APP_NAME = "pneumonet"
-# Serve needs at least max_batch_size requests in flight per replica to ever fill a batch.
-MIN_ONGOING_REQUESTS = 32
+# Requests a replica holds (decoding, waiting, in a model call). Serve needs at least max_batch_size
+# of them to ever fill a batch, and more than the replica admits (what it scores within
+# serve.queue_timeout_s, plus a batch), so that requests queue in the replica, which refuses on
+# arrival what would wait too long, and not in the proxy, which only counts them.
+MIN_ONGOING_REQUESTS = 64
 # Requests a proxy holds while every replica is full (serve/config.yaml and the RayService set it
 # per environment): about what one replica scores within serve.queue_timeout_s.
 MAX_QUEUED_REQUESTS = 16
@@ -140,6 +147,7 @@ class PneumonetModel:
         self._score.set_max_batch_size(self._serve.max_batch_size)
         self._score.set_batch_wait_timeout_s(self._serve.batch_wait_timeout_s)
         self._model_failures = 0
+        self._admission = Admission(self._serve.queue_timeout_s, self._serve.max_batch_size)
         meta = self._artifact.meta
         self._info = {key: meta.get(key) for key in _META_KEYS}
         self._info["operating_threshold"], self._info["threshold_source"] = operating_threshold(meta)
@@ -163,18 +171,26 @@ class PneumonetModel:
         """P(PNEUMONIA) for images from concurrent requests, scored in one model call."""
         for ticket in tickets:
             ticket.started = True
+        self._admission.started(len(tickets))
         images = np.stack([ticket.image for ticket in tickets])
+        start = time.perf_counter()
         try:
             probs = await asyncio.to_thread(self._artifact.predict_proba, images, len(tickets))
         except Exception:
             self._model_failures += 1
             raise
+        self._admission.timed(len(tickets), time.perf_counter() - start)
         self._model_failures = 0
         return [(float(p), len(tickets)) for p in probs]
 
-    def _overloaded(self) -> ApiError:
-        return ApiError(503, f"overloaded: no model call could take this image within {self._serve.queue_timeout_s} s "
-                             "(serve.queue_timeout_s); retry later", {"Retry-After": str(self._serve.retry_after_s)})  # fmt: skip
+    def _overloaded(self, why: str) -> ApiError:
+        return ApiError(503, f"overloaded: {why} within {self._serve.queue_timeout_s} s (serve.queue_timeout_s); retry later",
+                        {"Retry-After": str(self._serve.retry_after_s)})  # fmt: skip
+
+    def _admit(self, images: int = 1) -> None:
+        """Refuse now (503) what would wait past serve.queue_timeout_s for its model call."""
+        if not self._admission.admits(images):
+            raise self._overloaded(f"{self._admission.waiting} images wait for the model, more than it takes")
 
     def _authorize(self, request: Request) -> None:
         check_bearer(request.headers.get("authorization"), self._token)
@@ -206,15 +222,17 @@ class PneumonetModel:
     async def _scored(self, image: np.ndarray, deadline: float) -> dict[str, Any]:
         """Score one image, or refuse it (503) if its model call has not started by ``deadline``."""
         ticket = _Ticket(image)
+        self._admission.queued()
         scoring = asyncio.ensure_future(self._score(ticket))
         try:
             await asyncio.wait({scoring}, timeout=max(0.0, deadline - time.monotonic()))
             if not scoring.done() and not ticket.started:
-                raise self._overloaded()
+                raise self._overloaded("this image did not get a model call")
             probability, batch_size = await scoring
         finally:  # out of time, or the caller went away: leave the queue, so no batch scores it for nobody
             if not ticket.started:
                 scoring.cancel()
+                self._admission.left()
         return {
             "probability": probability,
             "prediction": decide(probability, self._artifact.threshold),
@@ -242,6 +260,7 @@ class PneumonetModel:
         started = time.perf_counter()
         deadline = time.monotonic() + self._serve.queue_timeout_s
         self._authorize(request)
+        self._admit()
         if explain not in (None, "gradcam"):
             raise ApiError(400, f"unknown explain={explain!r}; the only explanation is 'gradcam'")
         content_type, body = await self._body(request, RAW_TYPES | {MULTIPART})
@@ -275,6 +294,7 @@ class PneumonetModel:
         if len(files) > self._serve.max_batch_images:
             raise ApiError(413, f"{len(files)} images is over the limit of {self._serve.max_batch_images} "
                                 "per request (serve.max_batch_images)")  # fmt: skip
+        self._admit(len(files))
 
         async def one(index: int, upload: Upload) -> dict[str, Any]:
             name = upload.filename or f"files[{index}]"
