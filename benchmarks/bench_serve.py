@@ -225,8 +225,8 @@ def profile(pids: dict[str, int], seconds: float, out: Path) -> list[subprocess.
     out.mkdir(parents=True, exist_ok=True)
     spy = Path(sys.executable).with_name("py-spy")
     return [
-        subprocess.Popen([str(spy), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "50",
-                          "--format", "raw", "--threads", "--output", str(out / f"{group}.txt"), "--nonblocking"],
+        subprocess.Popen([str(spy), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100",
+                          "--format", "raw", "--gil", "--output", str(out / f"{group}.txt")],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         for group, pid in pids.items()
     ]
@@ -268,7 +268,7 @@ def main() -> int:
 
     from pneumonet.config import load_config
     from pneumonet.scoring.online import build_app
-    from pneumonet.scoring.proxy import CALLBACK, CALLBACK_ENV
+    from pneumonet.scoring.cluster import SERVE_ENV, set_serve_env
 
     cores = len(os.sched_getaffinity(0))
     options = {k: int(v) for k, v in (o.split("=", 1) for o in args.option)}
@@ -283,7 +283,8 @@ def main() -> int:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         print(f"{cores} CPUs for Ray and the clients; load average {os.getloadavg()} at start")
-        os.environ.setdefault(CALLBACK_ENV, CALLBACK)
+        set_serve_env()  # as `pneumonet serve`; set one of SERVE_ENV's variables yourself to measure without it
+        print("Serve environment:", {key: os.environ[key] for key in SERVE_ENV})
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})

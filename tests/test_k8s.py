@@ -621,17 +621,17 @@ def test_serve_config_fits_the_app_config(builds: dict) -> None:
 
 
 @needs_kubectl
-def test_every_serve_node_runs_the_proxy_middleware(builds: dict) -> None:
-    """Every Ray node of the RayService runs a Serve proxy (proxy_location EveryNode): each must
-    load pneumonet.scoring.proxy, or a request whose replica dies gets a bare 500 there."""
-    from pneumonet.scoring.proxy import CALLBACK, CALLBACK_ENV
+def test_every_serve_node_has_the_serve_environment(builds: dict) -> None:
+    """Every Ray node of the RayService runs a Serve proxy (proxy_location EveryNode) and may run
+    replicas: each needs SERVE_ENV, or e.g. a request whose replica dies gets a bare 500 there."""
+    from pneumonet.scoring.cluster import SERVE_ENV
 
     for env in ("dev", "gpu"):
         service = workload(builds, env, "RayService", "pneumonet-serve")
         for where, template in kv.pod_templates(service):
             for _, container in kv.containers(template):
                 values = {e["name"]: e.get("value") for e in container.get("env") or []}
-                assert values.get(CALLBACK_ENV) == CALLBACK, f"{env} {where} {container['name']}"
+                assert values | SERVE_ENV == values, f"{env} {where} {container['name']}"
 
 
 def test_overload_check_catches_mistakes() -> None:

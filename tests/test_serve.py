@@ -27,7 +27,7 @@ from pneumonet.artifact import build_metadata, load_artifact, save_artifact
 from pneumonet.config import load_config
 from pneumonet.data.images import load_image
 from pneumonet.errors import ConfigError
-from pneumonet.scoring.proxy import CALLBACK, CALLBACK_ENV
+from pneumonet.scoring.cluster import SERVE_ENV
 from pneumonet.scoring.uploads import ApiError, parse_multipart, token_from_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,8 @@ def endpoint(model_uri: str) -> Iterator[str]:
 
     mp = pytest.MonkeyPatch()
     mp.setenv(TOKEN_ENV, TOKEN)
-    mp.setenv(CALLBACK_ENV, CALLBACK)  # the proxy's middleware (pneumonet.scoring.proxy)
+    for key, value in SERVE_ENV.items():  # as `pneumonet serve` and the RayService set them
+        mp.setenv(key, value)
     mp.delenv("PNEUMONET_API_TOKEN", raising=False)
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -428,14 +429,15 @@ def test_admission_refuses_on_arrival_what_would_wait_past_the_queue_timeout() -
 
     admission = Admission(queue_timeout_s=0.5, max_batch_size=16)
     assert admission.admits(1000)  # no model call timed yet: nothing to judge by
-    admission.timed(16, 0.32)  # 20 ms per image: a full batch takes 0.32 s
-    assert admission.expected_wait(16) == 0 and admission.admits(32)  # the second batch starts after 0.32 s
-    admission.queued(16)
-    assert admission.expected_wait(16) == pytest.approx(0.32) and admission.admits(16)
-    admission.queued(16)  # a 33rd image would have two full batches ahead of it: 0.64 s
+    admission.timed(16, 0.32)  # 20 ms per image
+    assert admission.expected_wait(16) == 0  # one batch, nothing ahead
+    assert admission.expected_wait(32) == pytest.approx(0.32) and admission.admits(32)  # its second batch
+    admission.queued(25)
+    assert admission.expected_wait(1) == pytest.approx(0.5) and admission.admits(1)
+    admission.queued(1)  # the 27th image would start after 0.52 s
     assert not admission.admits(1)
     admission.started(16)
-    assert admission.admits(1) and admission.waiting == 16
+    assert admission.admits(1) and admission.waiting == 10
     admission.left(100)
     assert admission.waiting == 0
     admission.timed(16, 0.96)  # a slower call moves the average, not all the way

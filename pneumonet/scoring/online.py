@@ -79,8 +79,10 @@ APP_NAME = "pneumonet"
 # arrival what would wait too long, and not in the proxy, which only counts them.
 MIN_ONGOING_REQUESTS = 64
 # Requests a proxy holds while every replica is full (serve/config.yaml and the RayService set it
-# per environment): about what one replica scores within serve.queue_timeout_s.
-MAX_QUEUED_REQUESTS = 16
+# per environment). Serve counts a request as queued also while it picks a replica for it, so a
+# burst of simultaneous arrivals counts in full: with 16, 64 clients got Serve's 503 from a proxy
+# whose replica had room (benchmarks/RESULTS-serve.md).
+MAX_QUEUED_REQUESTS = 64
 # A replica whose model call failed this many times in a row reports unhealthy and is replaced.
 MAX_MODEL_FAILURES = 3
 _ACCEPTED = ", ".join(sorted(RAW_TYPES)) + f" or {MULTIPART}"
@@ -341,13 +343,12 @@ def app_builder(args: dict[str, Any]) -> Application:
 
 def serve_locally(model_uri: str, config: Config, host: str | None = None, port: int | None = None) -> None:
     """``pneumonet serve``: a local Ray with the application on host:port, until Ctrl-C."""
-    from pneumonet.scoring.cluster import init_ray
-    from pneumonet.scoring.proxy import CALLBACK, CALLBACK_ENV
+    from pneumonet.scoring.cluster import init_ray, set_serve_env
 
     read_metadata(model_uri)  # a wrong path fails here, not as a replica that never starts
     host = host or config.serve.host
     port = port or config.serve.port
-    os.environ.setdefault(CALLBACK_ENV, CALLBACK)  # the local Ray's proxy inherits it
+    set_serve_env()  # the local Ray's processes inherit it
     init_ray()
     serve.start(http_options={"host": host, "port": port})
     try:

@@ -4,7 +4,7 @@ The proxy sends its own 503 for backpressure, but when the replica holding a req
 kill, lost node, forced restart) it sends nothing and uvicorn answers a bare 500: a server fault,
 to a client that only has to try again. This middleware, around the proxy, turns "no response at
 all" into 503 with ``Retry-After``; every response a replica or the proxy did start is passed on
-untouched. Every Ray node's environment installs it (``pneumonet serve`` does so itself):
+untouched. Every Ray node's environment installs it (``SERVE_ENV`` in :mod:`pneumonet.scoring.cluster`):
 ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=pneumonet.scoring.proxy:middlewares``.
 """
 
@@ -21,8 +21,6 @@ from pneumonet.config import ServeConfig
 
 log = logging.getLogger(__name__)
 
-CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
-CALLBACK = "pneumonet.scoring.proxy:middlewares"
 # The proxy serves every application and knows no app config: the default of serve.retry_after_s.
 RETRY_AFTER_S = ServeConfig.model_fields["retry_after_s"].default
 
