@@ -35,6 +35,7 @@ from pneumonet.artifact_meta import (  # noqa: F401  (re-exported: the artifact'
     INPUT_CONTRACT,
     META_FILE,
     MODEL_FILE,
+    SITE_KEY,
     operating_threshold,
     read_metadata,
 )
@@ -108,7 +109,16 @@ class Artifact:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         starts = range(0, len(images), batch_size)
         parts = [self._forward(images[start : start + batch_size]).numpy() for start in starts]
-        return np.concatenate(parts) if parts else np.empty((0,), np.float32)
+        probs = np.concatenate(parts) if parts else np.empty((0,), np.float32)
+        platt = (self.meta.get(SITE_KEY) or {}).get("platt")
+        return probs if platt is None else platt_scale(probs, platt["a"], platt["b"])
+
+
+def platt_scale(probs: np.ndarray, a: float, b: float) -> np.ndarray:
+    """``sigmoid(a * logit(p) + b)``: a site's recalibration of the model's probabilities (order kept when a > 0)."""
+    clipped = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+    logits = np.log(clipped) - np.log1p(-clipped)
+    return (1.0 / (1.0 + np.exp(-(a * logits + b)))).astype(np.float32)
 
 
 def save_artifact(model: keras.Model, meta: dict[str, Any], uri: str) -> str:

@@ -86,11 +86,14 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         policy = ThresholdConfig(policy="youden")
     else:
         policy = ThresholdConfig(policy="min_sensitivity", min_sensitivity=args.min_sensitivity)
-    record = calibrate_artifact(args.model, args.data, args.out, policy, split=args.split)
+    record = calibrate_artifact(args.model, args.data, args.out, policy, split=args.split, recalibrate=args.recalibrate == "platt")
     sample, site, before = record["sample"], record["at_site_threshold"], record["at_training_threshold"]
     print(f"site sample: {sample['n']} images of {sample['n_patients']} patients ({sample['n_positive']} pneumonia)")
     print(f"  training threshold {record['training_threshold']:.3f}: {headline(before)}")
     print(f"  site threshold     {record['threshold']:.3f}: {headline(site)}")
+    if platt := record.get("platt"):
+        print(f"  Platt scaling: Brier {platt['brier_before']:.3f} → {platt['brier_after']:.3f}, "
+              f"ECE {platt['ece_before']:.3f} → {platt['ece_after']:.3f} (two-fold over the site's patients)")  # fmt: skip
     print(f"  (95% intervals resample whole patients) → calibrated artifact {args.out}")
 
 
@@ -175,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--min-sensitivity", type=float, default=0.95, metavar="S",
                         help="highest threshold with sensitivity >= S on the sample (default 0.95)")  # fmt: skip
     policy.add_argument("--policy", choices=("youden",), help="maximise sensitivity + specificity instead")
+    calibrate.add_argument("--recalibrate", choices=("platt",),
+                           help="also refit the probabilities to the site (Platt scaling); decisions keep their order")  # fmt: skip
     calibrate.set_defaults(func=cmd_calibrate)
 
     predict = commands.add_parser("predict", help="score a few image files")

@@ -6,7 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score as skm_auc
 
 from pneumonet import storage
 from pneumonet.artifact import build_metadata, load_artifact, save_artifact
@@ -168,3 +170,54 @@ def test_a_damaged_site_threshold_is_refused(model_uri: str, tmp_path: Path) -> 
     with pytest.raises(ArtifactError, match=r"site_calibration.threshold must be a number in \[0, 1\]"):
         load_artifact(str(target))
 
+
+
+@pytest.fixture(scope="module")
+def ranking_model_uri(site_root: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A model that ranks the sample the right way round: a logistic function of the mean pixel value."""
+    import keras
+
+    from pneumonet.data.pipeline import load_image_set
+
+    config = load_config(None, MODEL)
+    images = load_image_set(usable(scan(str(site_root))), SIZE, config.data)
+    means = images.images.reshape(len(images), -1).mean(axis=1)
+    sign = 1.0 if means[images.labels == 1].mean() > means[images.labels == 0].mean() else -1.0
+    middle = float(np.median(means))
+    image = keras.Input((SIZE, SIZE, 1))
+    mean = keras.layers.GlobalAveragePooling2D()(image)
+    output = keras.layers.Dense(1, activation="sigmoid", kernel_initializer=keras.initializers.Constant(sign * 0.2),
+                                bias_initializer=keras.initializers.Constant(-sign * 0.2 * middle))(mean)  # fmt: skip
+    meta = build_metadata(variant="custom", config=config, threshold=0.5, val_metrics={}, manifest_digest=None)
+    return save_artifact(keras.Model(image, output), meta, str(tmp_path_factory.mktemp("ranking") / "model"))
+
+
+def test_platt_recalibration_keeps_the_order_and_is_measured_out_of_sample(
+    ranking_model_uri: str, site_root: Path, tmp_path: Path
+) -> None:
+    from scipy.stats import spearmanr
+
+    out = tmp_path / "platt"
+    source = load_artifact(ranking_model_uri)
+    images = decode_split(source, str(site_root), "test")
+    raw = source.predict_proba(images.images)
+    assert skm_auc(images.labels, raw) > 0.55, "the fixture must rank the sample the right way round"
+    record = calibrate_artifact(ranking_model_uri, str(site_root), str(out), ThresholdConfig(), n_bootstrap=0, recalibrate=True)
+    platt = record["platt"]
+    assert platt["a"] > 0 and {"brier_before", "brier_after", "ece_before", "ece_after"} <= set(platt)
+    scaled = load_artifact(str(out)).predict_proba(images.images)
+    assert not np.allclose(scaled, raw)
+    assert spearmanr(scaled, raw).statistic == pytest.approx(1.0)
+    assert record["at_site_threshold"]["sensitivity"] >= 0.95
+    # Calibrating the calibrated artifact again starts from the model's own probabilities.
+    again = calibrate_artifact(str(out), str(site_root), str(tmp_path / "again"), ThresholdConfig(), n_bootstrap=0)
+    assert "platt" not in again and again["threshold"] == choose_threshold(images.labels, raw, ThresholdConfig())
+
+
+def test_platt_refuses_a_model_that_ranks_the_site_inversely(ranking_model_uri: str, site_root: Path, tmp_path: Path) -> None:
+    from pneumonet.evaluation.calibrate import platt_record
+
+    labels = usable(scan(str(site_root)))["label"].eq("PNEUMONIA").to_numpy().astype(int)
+    probs = np.where(labels == 1, 0.2, 0.8) + np.linspace(0, 0.01, len(labels))
+    with pytest.raises(DataError, match="no better than chance"):
+        platt_record(labels, probs, np.arange(len(labels)))

@@ -13,6 +13,13 @@ A sample must be able to support what is asked of it. With ``n`` pneumonia image
 all, the 95% upper bound of the miss rate is still about ``3 / n`` (the "rule of three"), so a
 sensitivity floor ``s`` needs at least ``3 / (1 - s)`` pneumonia images (60 for 0.95, 100 for 0.97);
 and specificity needs at least ``MIN_NEGATIVES`` normal images. Smaller samples are refused.
+
+``recalibrate=True`` also fits Platt scaling (``sigmoid(a · logit(p) + b)``, scikit-learn's logistic
+regression on the model's logits) so the probabilities a clinician reads match the site's observed
+rates; the threshold is then chosen on the recalibrated scale. Decisions and ROC-AUC do not change
+(the map keeps the order); the record says what it bought: Brier score and expected calibration
+error before and after, each measured on one half of the site's patients with the map fitted on
+the other half (two-fold, both ways), never on the images it was fitted on.
 """
 
 from __future__ import annotations
@@ -21,8 +28,12 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import brier_score_loss
+
 from pneumonet import storage
-from pneumonet.artifact import derive_artifact, load_artifact
+from pneumonet.artifact import derive_artifact, load_artifact, platt_scale
 from pneumonet.artifact_meta import SITE_KEY
 from pneumonet.config import ThresholdConfig
 from pneumonet.data.catalog import manifest_digest
@@ -61,23 +72,71 @@ def check_sample(n_positive: int, n_negative: int, policy: ThresholdConfig, wher
         raise DataError(f"{where}: the sample is too small to calibrate on: {'; '.join(problems)}")
 
 
+def fit_platt(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
+    """(a, b) of the logistic map from the model's logit to the observed label."""
+    clipped = np.clip(probs, 1e-7, 1 - 1e-7)
+    logits = (np.log(clipped) - np.log1p(-clipped)).reshape(-1, 1)
+    fitted = LogisticRegression(C=1e4).fit(logits, labels)
+    return float(fitted.coef_[0, 0]), float(fitted.intercept_[0])
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> float:
+    """Mean |observed rate − mean probability| over ten equal-width bins, weighted by their share of images."""
+    which = np.clip((probs * bins).astype(int), 0, bins - 1)
+    return float(sum(abs(labels[which == b].mean() - probs[which == b].mean()) * np.mean(which == b)
+                     for b in range(bins) if np.any(which == b)))  # fmt: skip
+
+
+def platt_record(labels: np.ndarray, probs: np.ndarray, patients: np.ndarray) -> dict[str, float]:
+    """Platt scaling fitted on the whole sample, and its two-fold, patient-grouped benefit."""
+    unique = np.unique(patients)
+    half = np.isin(patients, np.random.default_rng(0).permutation(unique)[: len(unique) // 2])
+    before, after = [], []
+    for fit in (half, ~half):
+        if len(np.unique(labels[fit])) < 2:
+            continue
+        a, b = fit_platt(labels[fit], probs[fit])
+        scaled = platt_scale(probs[~fit], a, b)
+        before.append((brier_score_loss(labels[~fit], probs[~fit]), expected_calibration_error(labels[~fit], probs[~fit])))
+        after.append((brier_score_loss(labels[~fit], scaled), expected_calibration_error(labels[~fit], scaled)))
+    a, b = fit_platt(labels, probs)
+    if a <= 0:
+        raise DataError(
+            f"Platt scaling found slope {a:.3g} <= 0: the model ranks this sample's images no better than chance "
+            "(or inverted); do not deploy it here, and calibrate without --recalibrate only to inspect the figures"
+        )
+    (brier_before, ece_before), (brier_after, ece_after) = np.mean(before, axis=0), np.mean(after, axis=0)
+    return {"a": a, "b": b, "brier_before": float(brier_before), "brier_after": float(brier_after),
+            "ece_before": float(ece_before), "ece_after": float(ece_after)}  # fmt: skip
+
+
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
     return {key: metrics[key] for key in SUMMARY_KEYS if key in metrics}
 
 
 def calibrate_artifact(
-    model_uri: str, data_root: str, out_uri: str, policy: ThresholdConfig, split: str = "test", n_bootstrap: int = 1000
+    model_uri: str,
+    data_root: str,
+    out_uri: str,
+    policy: ThresholdConfig,
+    split: str = "test",
+    n_bootstrap: int = 1000,
+    recalibrate: bool = False,
 ) -> dict[str, Any]:
     """Choose the site threshold on ``split`` of ``data_root`` and write the calibrated artifact to ``out_uri``.
 
     Also writes ``evaluation/site/`` (metrics at the site threshold, plots) and ``predictions.csv``
-    into the new artifact. Returns its ``site_calibration`` record.
+    into the new artifact. Returns its ``site_calibration`` record. An artifact that was calibrated
+    before is calibrated afresh from its model's own probabilities.
     """
     artifact = load_artifact(model_uri)
+    artifact.meta = {key: value for key, value in artifact.meta.items() if key != SITE_KEY}
     images = decode_split(artifact, data_root, split)
     labels, patients = images.labels, images.rows["patient_id"].tolist()
     check_sample(int(labels.sum()), int((labels == 0).sum()), policy, f"{data_root} ({split})")
-    probs = artifact.predict_proba(images.images)
+    raw = artifact.predict_proba(images.images)
+    platt = platt_record(labels, raw, np.asarray(patients)) if recalibrate else None
+    probs = raw if platt is None else platt_scale(raw, platt["a"], platt["b"])
     threshold = choose_threshold(labels, probs, policy)
     at_site = evaluate_predictions(
         labels, probs, threshold, storage.join(out_uri, "evaluation", "site"),
@@ -85,7 +144,7 @@ def calibrate_artifact(
         n_bootstrap=n_bootstrap, groups=patients, extra={"threshold_source": "site"},
     )  # fmt: skip
     training_threshold = float(artifact.meta["threshold"])
-    at_training = compute_metrics(labels, probs, training_threshold, n_bootstrap=n_bootstrap, groups=patients)
+    at_training = compute_metrics(labels, raw, training_threshold, n_bootstrap=n_bootstrap, groups=patients)
     record = {
         "threshold": threshold,
         "policy": policy.model_dump(mode="json"),
@@ -97,6 +156,7 @@ def calibrate_artifact(
         },
         "at_site_threshold": _summary(at_site),
         "at_training_threshold": _summary(at_training),
+        **({"platt": platt} if platt else {}),
         "source": {"uri": str(model_uri), "name": artifact.name, "version": artifact.version},
         "calibrated_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }  # fmt: skip
