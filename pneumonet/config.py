@@ -45,11 +45,6 @@ class AugmentConfig(_Strict):
         0.0, ge=0.0, le=0.5, description="Max zoom in: crops tighter than the archive's framing, as other sites frame."
     )
     stretch: float = Field(0.0, ge=0.0, le=0.5, description="Max change of the width alone (aspect ratio).")
-    normal_zoom_in: float = Field(
-        0.0, ge=0.0, le=0.6,
-        description="Zoom NORMAL images only in by up to this much: the archive frames normal chests wider than "
-        "pneumonia ones, and a model otherwise learns the framing (docs/quality.md).",
-    )
     brightness: float = Field(0.10, ge=0.0, le=1.0)
     contrast: float = Field(0.15, ge=0.0, le=1.0)
     gamma: float = Field(0.0, ge=0.0, le=1.0, description="Max |log gamma| of a random gamma curve (exposure).")

@@ -122,12 +122,6 @@ def training_dataset(
     drop = len(labels) > batch_size
     dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True).batch(batch_size, drop_remainder=drop)
     dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
-    if augment is not None and augment.normal_zoom_in:
-        tighten = keras.layers.RandomZoom((-augment.normal_zoom_in, 0.0), fill_mode="constant", seed=seed + 9)
-        dataset = dataset.map(
-            lambda x, y: (tf.where(tf.reshape(y, (-1, 1, 1, 1)) < 0.5, tighten(x, training=True), x), y),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
     if augment is not None:
         layers = augmentation(augment, seed)
         if layers.layers:
