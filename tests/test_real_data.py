@@ -35,3 +35,16 @@ def test_every_real_image_decodes():
     images = load_image_set(rows, 224, load_config().data)
     assert images.failures == {}
     assert images.images.shape == (5216, 224, 224, 1) and images.images.dtype == np.uint8
+
+
+SITE = REAL_DATA.parent / "site-sample"
+
+
+@pytest.mark.skipif(not (SITE / "test").is_dir(), reason=f"site sample not found at {SITE}/test")
+def test_the_site_sample_parses():
+    """The "version 3" names of the site sample give label, subtype and patient for every image."""
+    site = scan(str(SITE))
+    summary = summarize(site)["test"]
+    assert (summary["NORMAL"], summary["PNEUMONIA"], summary["UNKNOWN_SUBTYPE"], summary["unusable"]) == (78, 130, 0, 0)
+    assert summary["BACTERIA"] + summary["VIRUS"] == 130
+    assert 0 < summary["patients"] < 208 and site["patient_id"].str.fullmatch(r"\d+").all()

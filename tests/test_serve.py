@@ -133,6 +133,7 @@ def test_predict_raw_body_and_multipart(endpoint: str, model_uri: str) -> None:
     assert form.json()["probability"] == pytest.approx(body["probability"], abs=1e-6)
     assert body["prediction"] == ("PNEUMONIA" if body["probability"] >= 0.5 else "NORMAL")
     assert body["threshold"] == 0.5 and body["model"] == {"name": artifact.name, "version": artifact.version}
+    assert body["threshold_source"] == "validation"  # not calibrated to a site
     assert body["latency_ms"] > 0 and body["batch_size"] >= 1
     octet = post(f"{endpoint}/v1/predict", data=data, headers={"Content-Type": "application/octet-stream"})
     assert octet.json()["probability"] == pytest.approx(body["probability"], abs=1e-6)
@@ -239,6 +240,7 @@ def test_model_info(endpoint: str, model_uri: str) -> None:
         "image_size": SIZE, "val_metrics": {"roc_auc": 0.5},
     }  # fmt: skip
     assert "config" not in info and info["serving"]["max_batch_size"] == 8
+    assert (info["operating_threshold"], info["threshold_source"], info["site_calibration"]) == (0.5, "validation", None)
 
 
 def test_multipart_parser() -> None:
