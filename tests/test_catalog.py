@@ -152,3 +152,18 @@ def test_a_flat_sample_counts_as_test(tmp_path):
     assert sorted(manifest["label"]) == ["NORMAL", "PNEUMONIA"]
     assert set(manifest["split"]) == {"test"}
     assert sorted(manifest["patient_id"]) == ["1", "2"]
+
+
+def test_a_test_patient_with_training_images_is_reported(synthetic_root, tmp_path, caplog):
+    """A child in both train/ and test/ makes test figures optimistic: the split says so, naming the patient."""
+    manifest = scan(str(synthetic_root))
+    with caplog.at_level("WARNING", logger="pneumonet.data.split"):
+        assign_validation(manifest, val_fraction=0.2, seed=1)
+    assert "both train/ and test/" not in caplog.text
+    leaked = manifest.copy()
+    test_row = leaked.index[leaked["split"] == "test"][0]
+    patient = leaked.loc[leaked["split"] == "train", "patient_id"].iloc[0]
+    leaked.loc[test_row, "patient_id"] = patient
+    with caplog.at_level("WARNING", logger="pneumonet.data.split"):
+        assign_validation(leaked, val_fraction=0.2, seed=1)
+    assert f"1 patients have images in both train/ and test/: {patient}" in caplog.text
