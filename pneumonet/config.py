@@ -109,6 +109,11 @@ class TrainConfig(_Strict):
     finetune_epochs: int = Field(8, ge=1)
     finetune_learning_rate: float = Field(1e-5, gt=0.0)
     patience: int = Field(4, ge=1, description="Epochs without a better validation ROC-AUC before stopping.")
+    select: Literal["best_val_auc", "last"] = Field(
+        "best_val_auc",
+        description="Which epoch's weights become the model: the best validation ROC-AUC (early stopping with "
+        "patience), or the last one (every epoch runs; validation patients saturate and its argmax is noise).",
+    )
     class_weight: Literal["balanced", "none"] = "balanced"
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     cache_features: bool = Field(True, description="transfer: run the frozen backbone once, train the head on features.")

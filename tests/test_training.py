@@ -265,3 +265,23 @@ def test_an_ensemble_trains_each_member_on_its_own_loss_and_averages_them(data) 
     mean = np.mean([np.asarray(member(images)) for member in members], axis=0)
     np.testing.assert_allclose(np.asarray(model(images)), mean, rtol=1e-5)
     assert gradcam(model, data.val.images[0]).shape == data.val.images[0].shape[:2]
+
+
+def test_select_last_keeps_the_final_weights_and_runs_every_epoch(data, monkeypatch) -> None:
+    """train.select=last: no early stop on a validation plateau, and the last epoch's weights are the model."""
+
+    def run(*overrides: str):
+        _scripted_validation(monkeypatch, [0.9, 0.5, 0.5, 0.5])
+        seen: list[list[np.ndarray]] = []
+        config = load_config(None, [*TINY, "train.epochs=4", "train.patience=1", *overrides])
+        model, state = train_stage(
+            "custom", config, data, on_epoch_end=lambda fitter, *_: seen.append([np.array(w) for w in fitter.model.get_weights()])
+        )
+        return model, state, seen
+
+    model, state, seen = run("train.select=last")
+    assert state.epoch == 4 and state.best_epoch == 1
+    assert all(np.array_equal(got, want) for got, want in zip(model.get_weights(), seen[-1], strict=True))
+    model, state, seen = run()  # the default: early stop after the plateau, epoch 1 kept
+    assert state.epoch == 2 and len(seen) == 2
+    assert all(np.array_equal(got, want) for got, want in zip(model.get_weights(), seen[0], strict=True))

@@ -103,6 +103,7 @@ class FitSettings:
     augment: AugmentConfig | None = None
     steps_per_epoch: int | None = None
     loss_scale: bool = False  # float16 mixed precision
+    select: str = "best_val_auc"  # or "last": no early stop, the final weights are the model
 
 
 def balanced_class_weight(labels: np.ndarray) -> tuple[float, float]:
@@ -350,7 +351,8 @@ def fit(
     local = training_dataset(train[0], train[1], settings.batch_size, settings.seed + 7919 * rank + state.epoch, settings.augment)
     dataset = strategy.distribute_datasets_from_function(lambda _: local)
     for epoch in range(state.epoch, settings.epochs):
-        if state.epoch - state.best_epoch >= settings.patience and state.best_weights is not None:
+        stalled = state.epoch - state.best_epoch >= settings.patience
+        if settings.select == "best_val_auc" and stalled and state.best_weights is not None:
             log.info("early stop: no better validation ROC-AUC for %d epochs", settings.patience)
             break
         learning_rate = cosine_learning_rate(settings.learning_rate, epoch, settings.epochs)
@@ -382,6 +384,6 @@ def fit(
         )  # fmt: skip
         if on_epoch_end is not None:
             on_epoch_end(fitter, state, figures)
-    if state.best_weights is not None:
+    if settings.select == "best_val_auc" and state.best_weights is not None:
         model.set_weights(state.best_weights)
     return state

@@ -176,6 +176,7 @@ def stage_settings(
         batch_size=train.batch_size,
         learning_rate=train.finetune_learning_rate if finetune else train.learning_rate,
         patience=train.patience,
+        select=train.select,
         seed=config.seed,
         class_weight=class_weight if train.class_weight == "balanced" else (1.0, 1.0),
         label_smoothing=train.label_smoothing,
@@ -266,7 +267,9 @@ def finish(
         val_metrics={key: val_metrics[key] for key in VAL_METRIC_KEYS if key in val_metrics},
         manifest_digest=data.digest,
         history=state.history,
-        extra={"best_epoch": state.best_epoch, "epochs_run": state.epoch, "data_root": data.root, **(extra or {})},
+        extra={"best_epoch": state.best_epoch, "epochs_run": state.epoch, "data_root": data.root,
+               "selected_epoch": state.epoch if config.train.select == "last" else state.best_epoch,
+               "selection": config.train.select, **(extra or {})},  # fmt: skip
     )
     save_artifact(model, meta, artifact_uri)
     storage.write_text(storage.join(artifact_uri, "history.json"), json.dumps(state.history, indent=2))
