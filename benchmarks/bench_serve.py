@@ -152,7 +152,7 @@ async def load(url: str, bodies: list[bytes], expected: np.ndarray, clients: int
     accepted: list[float] = []
     replica_ms: list[float] = []
     refused: list[float] = []
-    refusals: Counter[str] = Counter()  # by who refused: the proxy (queue full) or the replica (why)
+    refusals: dict[str, list[float]] = {}  # seconds to the 503, by who refused: the proxy (queue full) or the replica (why)
     batch_sizes: list[int] = []
     failures: list[str] = []
     wrong: list[str] = []
@@ -179,7 +179,7 @@ async def load(url: str, bodies: list[bytes], expected: np.ndarray, clients: int
                 elapsed = time.perf_counter() - start
                 if status == 503:
                     refused.append(elapsed)
-                    refusals[refusal_kind(text)] += 1
+                    refusals.setdefault(refusal_kind(text), []).append(elapsed)
                     no_retry_after += retry_after is None
                     await asyncio.sleep(float(retry_after or 1))
                     continue
@@ -210,7 +210,8 @@ async def load(url: str, bodies: list[bytes], expected: np.ndarray, clients: int
         "replica_p50_ms": float(np.percentile(replica_ms, 50)) if replica_ms else None,
         "refused_p99_ms": float(np.percentile(np.array(refused) * 1000, 99)) if refused else None,
         "refused_without_retry_after": no_retry_after,
-        "refusals": dict(refusals),
+        "refusals": {kind: {"n": len(t), "p50_ms": round(1000 * float(np.percentile(t, 50))),
+                            "p99_ms": round(1000 * float(np.percentile(t, 99)))} for kind, t in refusals.items()},  # fmt: skip
         "mean_batch": sum(k * c for k, c in calls.items()) / sum(calls.values()) if calls else None,
         "batch_histogram": {k: round(c) for k, c in calls.items()},
         "failures": len(failures),
