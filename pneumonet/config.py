@@ -31,6 +31,9 @@ class DataConfig(_Strict):
         True, description="Pool the (tiny) official val/ folder with train/ before the patient-grouped split."
     )
     max_image_pixels: int = Field(60_000_000, gt=0, description="Refuse images with more pixels (decompression bombs).")
+    max_image_bytes: int = Field(
+        64 * 2**20, gt=0, description="Refuse image files larger than this many bytes, from their size, before reading them."
+    )
     decode_workers: int = Field(8, ge=1, description="Threads that decode images in parallel.")
     limit_per_class: int | None = Field(None, ge=1, description="Use at most this many images per class and split.")
 

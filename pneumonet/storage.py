@@ -123,10 +123,20 @@ def _reported(uri: str) -> Iterator[None]:
         raise _explain(uri, exc) from None
 
 
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """A whole file; with ``max_bytes``, a larger one is refused from its size before any of it is read."""
     fs, path = filesystem(uri)
-    with _reported(uri), fs.open_input_stream(path) as stream:
-        return stream.read()
+    if max_bytes is None:
+        with _reported(uri), fs.open_input_stream(path) as stream:
+            return stream.read()
+    with _reported(uri), fs.open_input_file(path) as file:  # its size comes with the open (stat, HEAD)
+        size = file.size()
+        if size <= max_bytes:
+            data = file.read(max_bytes + 1)  # bounded even if the file grew since
+            size = len(data)
+    if size > max_bytes:
+        raise StorageError(f"{uri}: file is {size} bytes, over the limit of {max_bytes} (data.max_image_bytes); not read")
+    return data
 
 
 def write_bytes(uri: str, data: bytes) -> None:

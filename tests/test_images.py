@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import struct
+import time
+import tracemalloc
 import zlib
 
 import numpy as np
@@ -294,12 +296,103 @@ def test_too_many_pixels_is_refused_before_decoding():
     assert load_image(data, "big.png", 32, max_pixels=4_000_000).shape == (32, 32, 1)
 
 
-def test_decompression_bomb_header_gets_our_message_not_pillows():
-    # 900 Mpx is past Pillow's own bomb limit; only the header exists, so any decode attempt
-    # would report truncation instead of the size.
-    expected = r"^bomb\.png: image is 30000x30000 = 900000000 pixels, over the limit of 60000000 "
+def png_bomb(side: int) -> bytes:
+    """A real decompression bomb: a side x side grayscale PNG of zeros, its IDAT really compressed."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    packer, row = zlib.compressobj(9), b"\x00" * (side + 1)  # filter byte + pixels
+    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_header_past_pillows_guard_is_refused_naming_our_limit():
+    # 900 Mpx is past Pillow's own bomb limit, which refuses it before our check sees the header.
+    expected = r"^bomb\.png: image is too large, over the limit of 60000000 \(data\.max_image_pixels\) or Pillow's"
     with pytest.raises(ImageDecodeError, match=expected):
         load_image(png_header_only(30000, 30000), "bomb.png", 32)
+
+
+def test_pillows_decompression_bomb_guard_stays_on_for_the_whole_process(monkeypatch):
+    assert Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS > 0
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a real 4,096-pixel PNG is past 2 x 1000
+    with pytest.raises(ImageDecodeError, match=r"^small\.png: image is too large, .*decompression-bomb guard"):
+        load_image(encode(Image.new("L", (64, 64)), "PNG"), "small.png", 16, max_pixels=10**9)
+
+
+def test_a_real_decompression_bomb_is_refused_before_any_pixel_is_inflated():
+    bomb = png_bomb(8000)  # 64 Mpx of zeros in ~70 kB
+    assert len(bomb) < 200_000
+    started = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match=r"^bomb\.png: image is 8000x8000 = 64000000 pixels, over the limit"):
+        load_image(bomb, "bomb.png", 32)
+    assert time.perf_counter() - started < 0.5  # inflating 64 MB and resizing takes seconds
+
+
+def test_files_over_the_byte_limit_are_refused_before_reading(tmp_path):
+    data = encode(Image.fromarray(gradient()), "PNG")
+    with pytest.raises(ImageDecodeError, match=rf"^x\.png: file is {len(data)} bytes, over the limit of 100 \(data\.max_image_bytes\)$"):
+        load_image(data, "x.png", 16, max_bytes=100)
+    assert load_image(data, "x.png", 16, max_bytes=len(data)).shape == (16, 16, 1)
+    huge = tmp_path / "huge.png"
+    with huge.open("wb") as file:  # sparse: 2 GB declared, no disk used, never read
+        file.write(data)
+        file.truncate(2 * 2**30)
+    started = time.perf_counter()
+    result = load_many([str(huge), str(tmp_path / "ok.png")], 16, max_bytes=2**20)
+    assert time.perf_counter() - started < 2
+    assert result.failures[str(huge)] == f"{huge}: file is {2 * 2**30} bytes, over the limit of {2**20} (data.max_image_bytes); not read"
+
+
+def test_a_few_outlier_pixels_do_not_squeeze_a_deep_image_into_a_few_grey_levels():
+    body = np.tile(np.linspace(1000, 2000, 64), (64, 1)).astype(np.uint16)
+    hot = body.copy()
+    hot[0, :5] = 4095  # hot pixels, or burnt-in text at full (12-bit) scale
+    hot[-1, :3] = 0  # dead pixels
+    for name, data in (("hot.png", encode(Image.fromarray(hot), "PNG")), ("hot.dcm", dicom_bytes(hot))):
+        decoded = decode_grayscale(data, name).astype(int)
+        clean = decoded[1:-1]
+        assert clean.min() <= 3 and clean.max() >= 252, name  # min..max would give 62..124 here
+        assert (np.diff(clean[0]) >= 0).all() and decoded[0, :5].min() == 255 and decoded[-1, :3].max() == 0
+
+
+def test_windowing_holds_float32_rows_not_float64_copies_of_the_image():
+    arr = np.tile(np.arange(2048, dtype=np.uint16), (2048, 1))  # 8 MB; a float64 copy is 32 MB
+    tracemalloc.start()
+    try:
+        out = images._window(arr, "big")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.dtype == np.uint8 and out[0, 0] == 0 and out[0, -1] == 255
+    # The uint8 result (4 MB), two float32 row chunks (2 MB each), the percentile sample: ~9 MB;
+    # windowing in float64 peaked at 96 MB.
+    assert peak < 12 * 2**20
+
+
+def _bare_dicom(arr: np.ndarray) -> bytes:
+    """A DICOM data set as some archives store it: no preamble, no DICM, no file meta, implicit VR."""
+    ds = Dataset()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.Modality = "CR"
+    ds.set_pixel_data(arr, "MONOCHROME2", bits_stored=12)
+    ds.file_meta = FileMetaDataset()
+    buf = io.BytesIO()
+    ds.save_as(buf, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    return buf.getvalue()
+
+
+def test_dicom_without_preamble_or_suffix_is_recognised_by_its_content():
+    ramp = np.tile(np.linspace(0, 4000, 16).astype(np.uint16), (16, 1))
+    expected = decode_grayscale(dicom_bytes(ramp), "scan.dcm")
+    no_preamble = dicom_bytes(ramp, preamble=False)
+    for data in (no_preamble, b"DICM" + no_preamble, _bare_dicom(ramp)):
+        np.testing.assert_array_equal(decode_grayscale(data, "1.2.840.113619.2.55"), expected)
+    # Bytes that merely start with group 0008 but no plausible element are not taken for DICOM.
+    with pytest.raises(ImageDecodeError, match="not a recognised image format"):
+        decode_grayscale(b"\x08\x00\x05\x00\xff\xff\xff\x7f" + b"x" * 100, "upload")
 
 
 @pytest.fixture()
@@ -347,7 +440,7 @@ def test_load_many_edge_cases(tmp_path):
 def test_load_many_lets_unexpected_errors_through(mixed_files, monkeypatch):
     uris, _ = mixed_files
 
-    def broken(uri: str) -> bytes:
+    def broken(uri: str, max_bytes: int) -> bytes:
         raise RuntimeError(f"bug while reading {uri}")
 
     monkeypatch.setattr(images, "read_bytes", broken)

@@ -60,3 +60,15 @@ def test_a_root_reached_through_dotdot_or_a_hidden_folder_is_listed(tmp_path, mo
     monkeypatch.chdir(tmp_path / "work")
     assert [e.size for e in storage.list_files("../.cache/data")] == [1]
     assert [e.size for e in storage.list_files(str(root))] == [1]
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_read_bytes_refuses_a_file_over_max_bytes_from_its_size(kind, tmp_path, request):
+    root = str(tmp_path) if kind == "local" else request.getfixturevalue("s3_bucket")
+    uri = storage.join(root, "scan.dcm")
+    storage.write_bytes(uri, b"x" * 1000)
+    assert storage.read_bytes(uri, max_bytes=1000) == b"x" * 1000
+    with pytest.raises(StorageError, match=rf"^{uri}: file is 1000 bytes, over the limit of 999 \(data\.max_image_bytes\); not read$"):
+        storage.read_bytes(uri, max_bytes=999)
+    with pytest.raises(StorageError, match="no such file"):
+        storage.read_bytes(storage.join(root, "missing.dcm"), max_bytes=999)

@@ -5,11 +5,17 @@ exactly the same pixels in training and in production: grayscale uint8, EXIF ori
 plain bilinear resize to a square. Anything that cannot be decoded raises
 :class:`~pneumonet.errors.ImageDecodeError` naming the source and the reason, never a raw Pillow
 or pydicom exception.
+
+Limits, so that one hostile file costs a bounded amount of memory: ``data.max_image_bytes``
+(checked on the file size before it is read, and on bytes already in memory) and
+``data.max_image_pixels`` (checked on the header before any pixel is decoded). Pillow's own
+process-wide decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``) stays on as a second line.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +25,8 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.valuerep import VR
 from tqdm import tqdm
 
 from pneumonet.errors import ImageDecodeError, StorageError
@@ -26,21 +34,28 @@ from pneumonet.storage import read_bytes
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpeg", ".jpg", ".png", ".dcm", ".bmp", ".tif", ".tiff"})
 DEFAULT_MAX_PIXELS = 60_000_000
+DEFAULT_MAX_BYTES = 64 * 2**20
 
 # Only formats decoded in-process; this also keeps e.g. EPS (which shells out to Ghostscript) away
 # from untrusted uploads.
 _PIL_FORMATS = ("JPEG", "PNG", "BMP", "TIFF")
 # Signatures of those formats: bytes that start like one but do not open are damaged, not foreign.
 _MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
-# Modes with more than 8 bits per sample: windowed to their own min..max instead of kept as is.
+# Modes with more than 8 bits per sample: windowed to their own range instead of kept as is.
 _DEEP_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 # 8-bit modes Pillow converts to luma (alpha dropped); anything else (e.g. LAB) is refused.
 _COLOR_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "YCbCr", "HSV", "CMYK"})
-
-# Our own per-call limit (data.max_image_pixels) is checked on the header before any pixel is
-# decoded. Pillow's process-wide limit would otherwise warn or refuse independently of the
-# configured value (and cannot be changed per call in a thread-safe way), so it is switched off.
-Image.MAX_IMAGE_PIXELS = None
+# Deep images are windowed to these percentiles of their own values, so that a few hot or dead
+# pixels (or burnt-in text at full scale) do not squeeze the anatomy into a few grey levels.
+WINDOW_PERCENTILES = (0.5, 99.5)
+# The percentiles are taken on a regular grid of about this many pixels (exact for smaller images).
+_WINDOW_SAMPLE = 2**18
+# Windowing converts this many rows at a time to float32, so memory stays ~1 byte per pixel above
+# the decoded array instead of 8 bytes per pixel per float64 temporary.
+_WINDOW_ROWS = 256
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+_DICOM_VRS = frozenset(vr.value.encode("ascii") for vr in VR)
+_NATIVE_SYNTAXES = {(True, True): ImplicitVRLittleEndian, (False, True): ExplicitVRLittleEndian}
 
 
 def is_image_name(name: str) -> bool:
@@ -56,37 +71,101 @@ def _check_pixels(source: str, width: int, height: int, max_pixels: int) -> None
         )
 
 
-def _window(arr: np.ndarray, source: str) -> np.ndarray:
-    """Map an image's own min..max linearly onto 0..255 (a constant image becomes zeros)."""
-    arr = arr.astype(np.float64, copy=False)
-    lo, hi = float(arr.min()), float(arr.max())
-    if not (np.isfinite(lo) and np.isfinite(hi)):
+def _check_bytes(source: str, size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise ImageDecodeError(f"{source}: file is {size} bytes, over the limit of {max_bytes} (data.max_image_bytes)")
+
+
+def _row_chunks(arr: np.ndarray):
+    return (slice(start, start + _WINDOW_ROWS) for start in range(0, arr.shape[0], _WINDOW_ROWS))
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, >=3) colour → (H, W) float32 luma (ITU-R 601, as Pillow's ``convert("L")``)."""
+    out = np.empty(rgb.shape[:2], np.float32)
+    for rows in _row_chunks(rgb):
+        out[rows] = rgb[rows, :, :3].astype(np.float32) @ _LUMA
+    return out
+
+
+def _window(arr: np.ndarray, source: str, robust: bool = True) -> np.ndarray:
+    """Map an image linearly onto 0..255, clipping outside its range; a constant image becomes zeros.
+
+    The range is the :data:`WINDOW_PERCENTILES` of its values (``robust``), or its min..max for
+    values already windowed (a DICOM VOI window, whose bounds are the intended black and white).
+    """
+    if arr.dtype.kind == "f" and not all(np.isfinite(arr[rows]).all() for rows in _row_chunks(arr)):
         raise ImageDecodeError(f"{source}: image has non-finite pixel values (NaN or infinity)")
+    if robust:
+        step = max(1, int(np.ceil(np.sqrt(arr.size / _WINDOW_SAMPLE))))
+        lo, hi = (float(v) for v in np.percentile(arr[::step, ::step], WINDOW_PERCENTILES))
+    else:
+        lo, hi = float(arr.min()), float(arr.max())
+    out = np.zeros(arr.shape, np.uint8)
     if hi <= lo:
-        return np.zeros(arr.shape, np.uint8)
-    return np.rint((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+        return out
+    scale = np.float32(255.0 / (hi - lo))
+    for rows in _row_chunks(arr):
+        chunk = arr[rows].astype(np.float32)  # a copy of a few rows, then everything in place
+        chunk -= np.float32(lo)
+        chunk *= scale
+        np.clip(chunk, 0.0, 255.0, out=chunk)
+        out[rows] = np.rint(chunk, out=chunk)
+    return out
+
+
+def _starts_like_dataset(data: bytes) -> bool:
+    """A DICOM data set without the 128-byte preamble and ``DICM``: its first element is a
+    little-endian tag of group 0002 (file meta, explicit VR) or 0008 (explicit or implicit VR)."""
+    if len(data) < 8:
+        return False
+    group, _ = struct.unpack_from("<HH", data)
+    if group == 0x0002:
+        return data[4:6] in _DICOM_VRS
+    if group == 0x0008:
+        return data[4:6] in _DICOM_VRS or struct.unpack_from("<I", data, 4)[0] <= len(data) - 8
+    return False
 
 
 def _is_dicom(data: bytes, source: str) -> bool:
-    return data[128:132] == b"DICM" or source.lower().endswith(".dcm")
+    return (
+        data[128:132] == b"DICM"
+        or data.startswith(b"DICM")
+        or source.lower().endswith(".dcm")
+        or _starts_like_dataset(data)
+    )
+
+
+def _dicom_pixels(ds: pydicom.Dataset, source: str) -> np.ndarray:
+    """The first frame windowed to uint8, before MONOCHROME1 inversion."""
+    arr = pixel_array(ds, index=0)  # first frame only; colour comes back as RGB
+    if arr.ndim == 3:
+        return _window(_luma(arr), source)
+    voi = "WindowCenter" in ds or "VOILUTSequence" in ds
+    if voi or "ModalityLUTSequence" in ds:
+        return _window(apply_voi_lut(apply_modality_lut(arr, ds), ds, index=0), source, robust=not voi)
+    # A linear rescale (slope, intercept) does not move a percentile window, except that a
+    # negative slope inverts it; skipping it spares a float64 copy of the image.
+    out = _window(arr, source)
+    return 255 - out if float(ds.get("RescaleSlope") or 1) < 0 else out
 
 
 def _decode_dicom(data: bytes, source: str, max_pixels: int) -> Image.Image:
+    if data.startswith(b"DICM"):  # preamble stripped, magic kept: pydicom expects one or neither
+        data = data[4:]
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # pydicom raises many types on malformed files
         raise ImageDecodeError(f"{source}: not a readable DICOM file ({exc})") from None
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ImageDecodeError(f"{source}: DICOM file has no pixel data")
+    if "TransferSyntaxUID" not in ds.file_meta:  # a bare data set: native pixels, encoded as it was read
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = _NATIVE_SYNTAXES.get((implicit, little), ExplicitVRBigEndian)
     try:
         _check_pixels(source, int(ds.get("Columns") or 0), int(ds.get("Rows") or 0), max_pixels)
-        arr = pixel_array(ds, index=0)  # first frame only; colour comes back as RGB
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-        if arr.ndim == 3:
-            arr = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-        else:
-            arr = apply_voi_lut(apply_modality_lut(arr, ds), ds, index=0)
-        out = _window(arr, source)
+        out = _dicom_pixels(ds, source)
     except ImageDecodeError:
         raise
     except Exception as exc:  # missing codec plugins, bad lengths, odd bit depths
@@ -106,8 +185,9 @@ def _decode_pil(data: bytes, source: str, max_pixels: int, draft_size: int | Non
         raise ImageDecodeError(
             f"{source}: not a recognised image format (expected JPEG, PNG, BMP, TIFF or DICOM)"
         ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # if someone re-enabled it
-        raise ImageDecodeError(f"{source}: image is too large ({exc})") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, past twice PIL.Image.MAX_IMAGE_PIXELS
+        raise ImageDecodeError(f"{source}: image is too large, over the limit of {max_pixels} "
+                               f"(data.max_image_pixels) or Pillow's decompression-bomb guard ({exc})") from None  # fmt: skip
     except Exception as exc:  # header parsers raise OSError, SyntaxError, struct.error, ...
         raise ImageDecodeError(f"{source}: truncated or corrupt image header ({exc})") from None
     _check_pixels(source, *img.size, max_pixels)
@@ -126,26 +206,31 @@ def _decode_pil(data: bytes, source: str, max_pixels: int, draft_size: int | Non
     return img if img.mode == "L" else img.convert("L")
 
 
-def _decode(data: bytes, source: str, max_pixels: int, draft_size: int | None) -> Image.Image:
+def _decode(data: bytes, source: str, max_pixels: int, max_bytes: int, draft_size: int | None) -> Image.Image:
     if not data:
         raise ImageDecodeError(f"{source}: empty file (0 bytes)")
+    _check_bytes(source, len(data), max_bytes)
     if _is_dicom(data, source):
         return _decode_dicom(data, source, max_pixels)
     return _decode_pil(data, source, max_pixels, draft_size)
 
 
-def decode_grayscale(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_grayscale(
+    data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+) -> np.ndarray:
     """Decode image bytes to an (H, W) uint8 grayscale array at full resolution.
 
     ``source`` is only used in error messages (a file name, URI or upload name); a ``.dcm``
-    suffix or the DICM magic selects the DICOM decoder.
+    suffix, the DICM magic or a DICOM data set's first tag selects the DICOM decoder.
     """
-    return np.array(_decode(data, source, max_pixels, None))  # a writable copy, unlike np.asarray
+    return np.array(_decode(data, source, max_pixels, max_bytes, None))  # a writable copy, unlike np.asarray
 
 
-def load_image(data: bytes, source: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(
+    data: bytes, source: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+) -> np.ndarray:
     """Decode and bilinearly resize image bytes to the model input: (size, size, 1) uint8."""
-    img = _decode(data, source, max_pixels, size)
+    img = _decode(data, source, max_pixels, max_bytes, size)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     return np.array(img)[:, :, None]
@@ -166,6 +251,7 @@ def load_many(
     workers: int = 8,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> LoadResult:
     """Read and decode many images in threads (Pillow and pyarrow release the GIL), keeping order.
 
@@ -176,7 +262,7 @@ def load_many(
 
     def one(uri: str) -> np.ndarray | str:
         try:
-            return load_image(read_bytes(uri), uri, size, max_pixels)
+            return load_image(read_bytes(uri, max_bytes), uri, size, max_pixels, max_bytes)
         except (StorageError, ImageDecodeError) as exc:
             return str(exc)
 

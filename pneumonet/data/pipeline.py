@@ -38,7 +38,12 @@ class ImageSet:
 def load_image_set(rows: pd.DataFrame, size: int, data: DataConfig, progress: str | None = None) -> ImageSet:
     """Decode the images of ``rows``; unreadable files are skipped with one warning that lists them."""
     result = load_many(
-        rows["uri"].tolist(), size, workers=data.decode_workers, max_pixels=data.max_image_pixels, progress=progress
+        rows["uri"].tolist(),
+        size,
+        workers=data.decode_workers,
+        max_pixels=data.max_image_pixels,
+        progress=progress,
+        max_bytes=data.max_image_bytes,
     )
     if result.failures:
         listing = "; ".join(f"{uri}: {why}" for uri, why in list(result.failures.items())[:10])

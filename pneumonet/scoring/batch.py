@@ -63,18 +63,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, [*args.overrides, *extra])
 
 
-def _read_or_error(uri: str) -> bytes | str:
-    """The file's bytes, or an error message when it is skipped or unreadable."""
+def _read_or_error(uri: str, max_bytes: int) -> bytes | str:
+    """The file's bytes, or an error message when it is skipped, unreadable or over ``max_bytes``."""
     reason = not_image_reason(uri)
     if reason:
         return reason
     try:
-        return storage.read_bytes(uri)
+        return storage.read_bytes(uri, max_bytes)
     except PneumonetError as exc:
         return str(exc)
 
 
-def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int, max_bytes: int) -> dict[str, np.ndarray]:
     """Ray Data stage 1: URIs → model-ready pixels; a file that fails gets zeros and its ``error``."""
     from pneumonet.data.images import load_image
 
@@ -85,12 +85,12 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int) -> di
         # Windows of READ_THREADS files: concurrent reads, bounded raw bytes in memory.
         for start in range(0, len(uris), READ_THREADS):
             window = uris[start : start + READ_THREADS]
-            for index, data in enumerate(pool.map(_read_or_error, window), start):
+            for index, data in enumerate(pool.map(_read_or_error, window, [max_bytes] * len(window)), start):
                 if isinstance(data, str):
                     errors[index] = data
                     continue
                 try:
-                    images[index] = load_image(data, uris[index], size, max_pixels)
+                    images[index] = load_image(data, uris[index], size, max_pixels, max_bytes)
                 except PneumonetError as exc:
                     errors[index] = str(exc)
                 except Exception as exc:  # a decoder bug must cost one row, not an overnight job
@@ -182,7 +182,7 @@ def _pipeline(todo: pa.Array, model_uri: str, image_size: int, config: Config) -
         decode_batch,
         batch_size=score.batch_size,
         batch_format="numpy",
-        fn_kwargs={"size": image_size, "max_pixels": config.data.max_image_pixels},
+        fn_kwargs={"size": image_size, "max_pixels": config.data.max_image_pixels, "max_bytes": config.data.max_image_bytes},
         memory=DECODE_MEMORY,
     )
     return dataset.map_batches(

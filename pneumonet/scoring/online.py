@@ -143,6 +143,7 @@ class PneumonetModel:
 
         self._serve = config.serve
         self._max_pixels = config.data.max_image_pixels
+        self._max_bytes = config.data.max_image_bytes
         self._artifact = load_artifact(model_uri)
         self._size = self._artifact.image_size
         self._token = token_from_env(self._serve.auth_token_env)
@@ -214,7 +215,7 @@ class PneumonetModel:
         if not data:
             raise ApiError(400, f"{source}: empty file")
         try:
-            return await asyncio.to_thread(load_image, data, source, self._size, self._max_pixels)
+            return await asyncio.to_thread(load_image, data, source, self._size, self._max_pixels, self._max_bytes)
         except ImageDecodeError as exc:
             raise ApiError(422, str(exc)) from None
         except Exception as exc:  # a decoder bug on odd input is still the input's fault, not a 500

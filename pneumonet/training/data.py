@@ -48,10 +48,12 @@ MIN_BLOCKS = 8
 MAX_BLOCKS = 256
 
 
-def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int, threads: int) -> dict[str, np.ndarray]:
+def decode_batch(
+    batch: dict[str, np.ndarray], size: int, max_pixels: int, max_bytes: int, threads: int
+) -> dict[str, np.ndarray]:
     """Decode one block of rows; a failed file keeps its row, with a zero image and its ``error``."""
     uris = [str(uri) for uri in batch["uri"]]
-    result = load_many(uris, size, workers=threads, max_pixels=max_pixels)
+    result = load_many(uris, size, workers=threads, max_pixels=max_pixels, max_bytes=max_bytes)
     images = np.zeros((len(uris), size, size, 1), np.uint8)
     images[result.ok] = result.images
     errors = np.array([result.failures.get(uri, "") for uri in uris], dtype=object)
@@ -72,6 +74,7 @@ def decode_split(rows: pd.DataFrame, config: Config) -> ray.data.Dataset:
         fn_kwargs={
             "size": config.model.image_size,
             "max_pixels": config.data.max_image_pixels,
+            "max_bytes": config.data.max_image_bytes,
             "threads": config.data.decode_workers,
         },
         batch_size=None,  # one task per block
