@@ -26,9 +26,9 @@ from PIL import Image
 from pneumonet.artifact import build_metadata, load_artifact, save_artifact
 from pneumonet.config import load_config
 from pneumonet.data.images import load_image
-from pneumonet.errors import ConfigError
+from pneumonet.errors import ConfigError, ImageDecodeError
 from pneumonet.scoring.cluster import SERVE_ENV
-from pneumonet.scoring.uploads import ApiError, parse_multipart, token_from_env
+from pneumonet.scoring.uploads import ApiError, decoder_source, parse_multipart, token_from_env
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -151,6 +151,15 @@ def test_batch_endpoint_scores_in_order_and_marks_bad_items(endpoint: str, model
         assert result["probability"] == pytest.approx(expected_probability(model_uri, png(seed)), abs=1e-5)
 
 
+def test_batch_part_declared_application_dicom_is_read_as_dicom(endpoint: str, model_uri: str) -> None:
+    data = patient_first_dicom()
+    files = [("files", ("scan", data, "application/dicom")), ("files", ("same", data, "application/octet-stream"))]
+    results = post(f"{endpoint}/v1/predict/batch", files=files).json()["results"]
+    expected = float(load_artifact(model_uri).predict_proba(load_image(data, "x.dcm", SIZE)[None])[0])
+    assert results[0]["filename"] == "scan" and results[0]["probability"] == pytest.approx(expected, abs=1e-5)
+    assert "not a recognised image format" in results[1]["error"]
+
+
 def test_concurrent_requests_are_batched(endpoint: str) -> None:
     data = png(5)
 
@@ -252,6 +261,37 @@ def test_multipart_parser() -> None:
         with pytest.raises(ApiError) as caught:
             parse_multipart(bad, content_type)
         assert caught.value.status == 400
+
+
+def patient_first_dicom() -> bytes:
+    """A DICOM data set the decoder cannot recognise by content (no preamble, no file meta, first
+    element (0010,0010)): only the client's ``application/dicom`` says what it is."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    ds = Dataset()
+    ds.PatientName = "Anonymous"
+    ds.set_pixel_data(np.tile(np.arange(0, 4000, 125, dtype=np.uint16), (32, 1)), "MONOCHROME2", bits_stored=12)
+    del ds.SOPInstanceUID  # set_pixel_data adds one, in group 0008
+    ds.file_meta = FileMetaDataset()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    return buffer.getvalue()
+
+
+def test_each_parts_own_content_type_reaches_the_decoder() -> None:
+    body = (b"--b0\r\nContent-Disposition: form-data; name=\"files\"; filename=\"scan\"\r\n"
+            b"Content-Type: Application/DICOM; x=1\r\n\r\nD\r\n"
+            b"--b0\r\nContent-Disposition: form-data; name=\"files\"\r\n\r\nP\r\n--b0--\r\n")  # fmt: skip
+    uploads = parse_multipart(body, "multipart/form-data; boundary=b0")
+    assert [(u.filename, u.content_type) for u in uploads] == [("scan", "application/dicom"), (None, "")]
+    assert decoder_source("scan", "application/dicom") == "scan.dcm"
+    assert decoder_source("dir/x.DCM", "application/dicom") == "x.DCM"
+    assert decoder_source(None, "application/dicom") == "upload.dcm"
+    assert decoder_source("scan", "image/png") == "scan" and decoder_source(None, "") == "upload"
+    data = patient_first_dicom()
+    with pytest.raises(ImageDecodeError, match="not a recognised image format"):
+        load_image(data, "scan", SIZE)
+    assert load_image(data, decoder_source("scan", "application/dicom"), SIZE).shape == (SIZE, SIZE, 1)
 
 
 def test_token_from_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,7 +35,6 @@ once). Time in the proxy's queue is bounded by its length, not by the clock, so
 import asyncio
 import base64
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +62,7 @@ from pneumonet.scoring.uploads import (
     Upload,
     check_bearer,
     check_content_length,
+    decoder_source,
     media_type,
     parse_multipart,
     read_limited,
@@ -112,13 +112,6 @@ async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONRespo
 async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     log.error("request failed: %s: %s", type(exc).__name__, exc)
     return JSONResponse({"error": "internal error while scoring; see the server log"}, status_code=500)
-
-
-def _source(upload_name: str | None, content_type: str) -> str:
-    """The name the decoder sees: the upload's file name, or one that lets ``application/dicom`` pick DICOM."""
-    if upload_name:
-        return os.path.basename(upload_name)[:200]
-    return "upload.dcm" if content_type == "application/dicom" else "upload"
 
 
 @dataclass
@@ -273,8 +266,8 @@ class PneumonetModel:
                 raise ApiError(400, f"send exactly one multipart field 'file' (got {len(files)})")
             upload = files[0]
         else:
-            upload = Upload("body", None, body)
-        image = await self._decode(upload.data, _source(upload.filename, content_type))
+            upload = Upload("body", None, body, content_type)
+        image = await self._decode(upload.data, decoder_source(upload.filename, upload.content_type))
         result = await self._scored(image, deadline)
         if explain == "gradcam":
             from pneumonet.explain.gradcam import gradcam, overlay_png
@@ -302,7 +295,7 @@ class PneumonetModel:
         async def one(index: int, upload: Upload) -> dict[str, Any]:
             name = upload.filename or f"files[{index}]"
             try:
-                image = await self._decode(upload.data, _source(name, "image"))
+                image = await self._decode(upload.data, decoder_source(name, upload.content_type))
             except ApiError as exc:
                 return {"filename": name, "error": exc.message}
             return {"filename": name, **(await self._scored(image, deadline))}

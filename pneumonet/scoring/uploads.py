@@ -36,11 +36,22 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class Upload:
-    """One uploaded file: the form field it came in, its file name (if any) and its bytes."""
+    """One uploaded file: the form field it came in, its file name (if any), its bytes and its
+    media type (a multipart part's own Content-Type; empty when the part has none)."""
 
     field: str
     filename: str | None
     data: bytes
+    content_type: str = ""
+
+
+def decoder_source(upload_name: str | None, content_type: str) -> str:
+    """The name the decoder sees: the upload's file name (``upload`` without one), with ``.dcm``
+    added when the client declared ``application/dicom``, which makes the decoder read DICOM."""
+    name = os.path.basename(upload_name or "")[:200] or "upload"
+    if content_type == "application/dicom" and not name.lower().endswith(".dcm"):
+        return f"{name}.dcm"
+    return name
 
 
 def media_type(content_type: str | None) -> str:
@@ -115,7 +126,8 @@ def parse_multipart(body: bytes, content_type: str) -> list[Upload]:
         if not disposition.lower().startswith("form-data") or not isinstance(field, str):
             raise ApiError(400, "malformed multipart/form-data body (a part without a form-data name)")
         filename = headers.get_param("filename", header="content-disposition")
-        uploads.append(Upload(field, filename if isinstance(filename, str) else None, content))
+        part_type = media_type(headers.get("content-type"))
+        uploads.append(Upload(field, filename if isinstance(filename, str) else None, content, part_type))
     return uploads
 
 
