@@ -41,9 +41,9 @@ def cmd_data_summary(args: argparse.Namespace) -> None:
         _print_json({"root": args.data, "splits": summary})
     else:
         print(f"dataset {args.data}")
-        print(f"{'split':<6} {'NORMAL':>7} {'PNEUMONIA':>9} {'bacteria':>9} {'virus':>6} {'patients':>9} {'unusable':>9}")
+        print(f"{'split':<8} {'NORMAL':>7} {'PNEUMONIA':>9} {'bacteria':>9} {'virus':>6} {'patients':>9} {'unusable':>9}")
         for split, c in summary.items():
-            print(f"{split:<6} {c['NORMAL']:>7} {c['PNEUMONIA']:>9} {c['BACTERIA']:>9} {c['VIRUS']:>6} {c['patients']:>9} {c['unusable']:>9}")
+            print(f"{split:<8} {c['NORMAL']:>7} {c['PNEUMONIA']:>9} {c['BACTERIA']:>9} {c['VIRUS']:>6} {c['patients']:>9} {c['unusable']:>9}")
     if args.plot:
         plot_class_distribution(summary, args.plot)
         log.info("class distribution written to %s", args.plot)

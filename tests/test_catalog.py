@@ -9,6 +9,7 @@ from pneumonet.data.catalog import (
     require_classes,
     scan,
     summarize,
+    usable,
     write_manifest,
 )
 from pneumonet.data.split import assign_validation
@@ -66,6 +67,42 @@ def test_nested_and_odd_layouts(tmp_path):
     assert errors["IM-0002-0001.jpeg"] == "empty file (0 bytes)"
     assert "says PNEUMONIA" in errors["person3_virus_4.jpeg"]
     assert summarize(manifest)["train"]["unusable"] == 3
+
+
+def test_files_outside_the_layout_are_kept_counted_and_reported(tmp_path, caplog):
+    root = tmp_path / "archive"
+    _touch(root, "train/NORMAL/IM-0001-0001.jpeg")
+    _touch(root, "train/PNEUMONIA/person1_bacteria_1.jpeg")
+    _touch(root, "train/scan-without-class.jpeg")  # a split but no class folder
+    _touch(root, "incoming/PNEUMONIA-maybe/person2_virus_2.jpeg")
+    _touch(root, "__MACOSX/train/NORMAL/IM-0001-0001.jpeg")
+    _touch(root, "README.md", b"x")
+    with caplog.at_level("WARNING", logger="pneumonet.data.catalog"):
+        manifest = scan(str(root))
+    assert len(manifest) == 6  # one row per file, none dropped
+    unplaced = manifest[manifest["split"].isna()]
+    assert len(unplaced) == 4 and unplaced["error"].notna().all() and unplaced["label"].isna().all()
+    outside = unplaced[unplaced["uri"].str.endswith("README.md")]["error"].iloc[0]
+    assert outside.startswith("outside the <split>/<CLASS>/ layout")
+    assert "__MACOSX" in unplaced[unplaced["uri"].str.contains("__MACOSX")]["error"].iloc[0]
+    summary = summarize(manifest)
+    assert summary["unplaced"]["unusable"] == 4 and summary["unplaced"]["NORMAL"] == 0
+    assert summary["train"]["NORMAL"] == summary["train"]["PNEUMONIA"] == 1 and summary["train"]["unusable"] == 0
+    assert "skipping 4 unusable files" in caplog.text and "scan-without-class.jpeg: outside" in caplog.text
+
+
+def test_names_in_neither_convention_are_reported_as_one_patient_each(tmp_path, caplog):
+    root = tmp_path / "site"
+    _touch(root, "train/NORMAL/IM-0001-0001.jpeg")
+    _touch(root, "train/NORMAL/IM-0001-0002.jpeg")
+    for name in ("scan_001.jpeg", "scan_002.jpeg", "xr 7.png"):
+        _touch(root, f"train/PNEUMONIA/{name}")
+    with caplog.at_level("WARNING", logger="pneumonet.data.catalog"):
+        manifest = scan(str(root))
+    assert manifest["error"].isna().all()
+    assert summarize(manifest)["train"]["patients"] == 4  # IM-0001 once, three unknown names as three
+    assert "3 of 5 images have names in neither naming convention (3 in train/), e.g. scan_001.jpeg" in caplog.text
+    assert "each counts as its own patient" in caplog.text
 
 
 def test_scan_of_synthetic_data(synthetic_root):
@@ -147,8 +184,10 @@ def test_a_flat_sample_counts_as_test(tmp_path):
     """<root>/NORMAL and <root>/PNEUMONIA with no split folder: a site's sample, catalogued as test."""
     storage.write_bytes(str(tmp_path / "NORMAL" / "NORMAL-1-0001.jpeg"), b"x")
     storage.write_bytes(str(tmp_path / "PNEUMONIA" / "VIRUS-2-0001.jpeg"), b"x")
-    storage.write_bytes(str(tmp_path / "other" / "NORMAL" / "NORMAL-3-0001.jpeg"), b"x")  # not flat: ignored
-    manifest = scan(str(tmp_path))
+    storage.write_bytes(str(tmp_path / "other" / "NORMAL" / "NORMAL-3-0001.jpeg"), b"x")  # not flat: unplaced
+    scanned = scan(str(tmp_path))
+    assert scanned["split"].isna().sum() == 1 and summarize(scanned)["unplaced"]["unusable"] == 1
+    manifest = usable(scanned)
     assert sorted(manifest["label"]) == ["NORMAL", "PNEUMONIA"]
     assert set(manifest["split"]) == {"test"}
     assert sorted(manifest["patient_id"]) == ["1", "2"]

@@ -7,7 +7,10 @@ Two naming conventions exist in the wild:
 * the "version 3" release: ``(NORMAL|BACTERIA|VIRUS)-<patient id>-<image number>.jpeg``.
 
 The folder (``NORMAL/`` or ``PNEUMONIA/``) is the label; the name gives subtype and patient, which
-the validation split needs so that no patient sits on both sides.
+the validation split needs so that no patient sits on both sides. A name in neither convention makes
+its image its own patient, which the split cannot keep together with the patient's other images, so
+:func:`scan` warns about such names. Files outside the layout stay in the manifest, unplaced (no
+split) with an ``error``, and are counted by :func:`summarize` under :data:`UNPLACED`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 SPLITS = ("train", "val", "test")
+UNPLACED = "unplaced"  # the summary's entry for files outside every <split>/<CLASS>/ folder
 MANIFEST_COLUMNS = ("uri", "split", "label", "subtype", "patient_id", "bytes", "error")
 
 # The original release also has a few four-part names (IM-0429-0001-0002, person447_virus_921_1).
@@ -63,30 +67,32 @@ def parse_name(filename: str) -> ParsedName | None:
     return None
 
 
-def _locate(relative: PurePosixPath) -> tuple[str, str] | None:
-    """(split, class) from the innermost ``<split>/<CLASS>/`` pair of folders in a relative path.
+def _locate(relative: PurePosixPath) -> tuple[str, str] | str:
+    """(split, class) from the innermost ``<split>/<CLASS>/`` pair of folders in a relative path,
+    or why the file has no place.
 
     A flat sample (``<root>/<CLASS>/…`` with no split folder anywhere) counts as a ``test`` split:
     that is how a site's labelled sample or a folder to evaluate usually arrives.
     """
     folders = [part.lower() for part in relative.parts[:-1]]
     if any(part in _IGNORED_FOLDERS for part in folders):
-        return None
+        return "in a __MACOSX folder (macOS metadata); not used"
     for i in range(len(folders) - 2, -1, -1):
         if folders[i] in SPLITS and folders[i + 1].upper() in CLASS_NAMES:
             return folders[i], folders[i + 1].upper()
     if folders and folders[0].upper() in CLASS_NAMES and not any(part in SPLITS for part in folders):
         return "test", folders[0].upper()
-    return None
+    return "outside the <split>/<CLASS>/ layout (no NORMAL/ or PNEUMONIA/ folder says its label); not used"
 
 
-def describe_entry(root: str, uri: str, size: int) -> dict | None:
-    """One manifest row for a file, or ``None`` when the file is outside the split/class layout."""
+def describe_entry(root: str, uri: str, size: int) -> dict:
+    """One manifest row for a file; one outside the split/class layout gets no split and an ``error``."""
     root_path = storage.filesystem(root)[1]
     relative = PurePosixPath(storage.filesystem(uri)[1]).relative_to(root_path)
     place = _locate(relative)
-    if place is None:
-        return None
+    if isinstance(place, str):
+        return {"uri": uri, "split": None, "label": None, "subtype": None, "patient_id": None, "bytes": int(size),
+                "error": place}  # fmt: skip
     split, folder_label = place
     row = {"uri": uri, "split": split, "label": folder_label, "bytes": int(size), "error": None}
     parsed = parse_name(relative.name)
@@ -104,14 +110,27 @@ def describe_entry(root: str, uri: str, size: int) -> dict | None:
     return row
 
 
-def scan(root: str) -> pd.DataFrame:
-    """Catalog every file under ``<split>/<CLASS>/`` folders below ``root`` (local or ``s3://``).
+def _warn_about_unparsed_names(usable_rows: pd.DataFrame) -> None:
+    names = usable_rows["uri"].map(lambda uri: PurePosixPath(uri).name)
+    unparsed = names[names.map(parse_name).isna()]
+    if unparsed.empty:
+        return
+    per_split = ", ".join(f"{count} in {split}/" for split, count in usable_rows.loc[unparsed.index, "split"].value_counts().items())
+    log.warning(
+        "%d of %d images have names in neither naming convention (%s), e.g. %s: each counts as its own patient, "
+        "so the patient-grouped split cannot keep a patient's images on one side; rename them "
+        "(person<N>_bacteria_<k>.jpeg, IM-<patient>-<k>.jpeg or NORMAL|BACTERIA|VIRUS-<patient>-<k>.jpeg) if patients have several",
+        len(unparsed), len(usable_rows), per_split, ", ".join(unparsed[:5]),
+    )  # fmt: skip
 
-    Files that cannot be used (wrong extension, empty, label conflict) stay in the manifest with an
-    ``error`` so they are counted and reported, never silently dropped.
+
+def scan(root: str) -> pd.DataFrame:
+    """Catalog every file below ``root`` (local or ``s3://``); the images of ``<split>/<CLASS>/`` folders are usable.
+
+    Files that cannot be used (outside the layout, wrong extension, empty, label conflict) stay in
+    the manifest with an ``error`` so they are counted and reported, never silently dropped.
     """
-    entries = storage.list_files(root)
-    rows = [row for entry in entries if (row := describe_entry(root, entry.uri, entry.size)) is not None]
+    rows = [describe_entry(root, entry.uri, entry.size) for entry in storage.list_files(root)]
     if not any(row["error"] is None for row in rows):
         raise DataError(
             f"{root}: no usable images found; expected the Kaggle layout "
@@ -124,6 +143,7 @@ def scan(root: str) -> pd.DataFrame:
         listing = "; ".join(f"{u}: {e}" for u, e in zip(bad["uri"][:10], bad["error"][:10], strict=True))
         more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
         log.warning("skipping %d unusable files: %s%s", len(bad), listing, more)
+    _warn_about_unparsed_names(frame[frame["error"].isna()])
     return frame.reset_index(drop=True)
 
 
@@ -168,7 +188,8 @@ def manifest_digest(manifest: pd.DataFrame) -> str:
 
 
 def summarize(manifest: pd.DataFrame) -> dict:
-    """Counts per split: images per class and subtype, patients, and unusable files."""
+    """Counts per split: images per class and subtype, patients, and unusable files; files outside
+    every split are the ``unusable`` of an :data:`UNPLACED` entry."""
     summary: dict[str, dict[str, int]] = {}
     rows = usable(manifest)
     for split in [s for s in (*SPLITS,) if (manifest["split"] == s).any()]:
@@ -182,4 +203,8 @@ def summarize(manifest: pd.DataFrame) -> dict:
             "patients": int(part["patient_id"].nunique()),
             "unusable": int(((manifest["split"] == split) & manifest["error"].notna()).sum()),
         }
+    unplaced = int(manifest["split"].isna().sum())
+    if unplaced:
+        keys = ("NORMAL", "PNEUMONIA", "BACTERIA", "VIRUS", "UNKNOWN_SUBTYPE", "patients")
+        summary[UNPLACED] = {**dict.fromkeys(keys, 0), "unusable": unplaced}
     return summary
