@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,13 @@ import pyarrow.fs as pafs
 from pneumonet.errors import StorageError
 
 S3_SCHEME = "s3://"
+# pyarrow's S3 errors read "... AWS Error <CODE> during <Operation> operation: ...", with
+# "UNKNOWN (HTTP status 403)" for codes the AWS SDK has no name for: the code, not the wording, says why.
+_AWS_ERROR = re.compile(r"AWS Error ([A-Z_]+)(?: \(HTTP status (\d+)\))? during ")
+_DENIED = frozenset({"ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "INVALID_CLIENT_TOKEN_ID",
+                     "MISSING_AUTHENTICATION_TOKEN", "EXPIRED_TOKEN", "UNRECOGNIZED_CLIENT"})  # fmt: skip
+_UNREACHABLE = frozenset({"NETWORK_CONNECTION", "REQUEST_TIMEOUT", "ENDPOINT_RESOLUTION_FAILURE"})
+_MISSING = frozenset({"NO_SUCH_KEY", "RESOURCE_NOT_FOUND"})
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,17 @@ def _s3_settings() -> tuple:
     return tuple(os.environ.get(name) for name in names)
 
 
+def _check_credentials(settings: tuple) -> None:
+    """A key without its secret (or the reverse) is a mistake, say an empty Secret: it must not
+    silently fall back to the default credential chain (instance role, ~/.aws) and its identity."""
+    key, secret = settings[:2]
+    if bool(key) != bool(secret):
+        have, lack = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if key else ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID")
+        raise StorageError(
+            f"{have} is set but {lack} is not (or is empty): set both, or neither to use the default credential chain"
+        )
+
+
 @lru_cache(maxsize=8)
 def _s3_filesystem(settings: tuple) -> pafs.S3FileSystem:
     key, secret, token, region, default_region, _, _ = settings
@@ -82,7 +101,9 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         path = uri[len(S3_SCHEME) :].rstrip("/")
         if not path:
             raise StorageError(f"{uri}: an s3:// URI needs a bucket name")
-        return _s3_filesystem(_s3_settings()), path
+        settings = _s3_settings()
+        _check_credentials(settings)
+        return _s3_filesystem(settings), path
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
 
 
@@ -95,16 +116,18 @@ def join(base: str, *parts: str) -> str:
 
 
 def _explain(uri: str, exc: Exception) -> StorageError:
+    """The reason, from the exception's type and (for S3) its AWS error code; never from a path's words."""
     text = str(exc)
-    lowered = text.lower()
-    if "access denied" in lowered or "access_denied" in lowered or "invalidaccesskeyid" in lowered or "signaturedoesnotmatch" in lowered or "forbidden" in lowered:
+    found = _AWS_ERROR.findall(text) if is_s3(uri) else []
+    code, status = found[-1] if found else ("", "")
+    if code in _DENIED or status == "403":
         why = "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy"
-    elif "nosuchbucket" in lowered or "bucket does not exist" in lowered:
+    elif code == "NO_SUCH_BUCKET":
         why = "the bucket does not exist"
-    elif "curl" in lowered or "connect" in lowered or "resolve" in lowered or "timeout" in lowered:
+    elif code in _UNREACHABLE:
         endpoint = s3_endpoint() or "the default AWS endpoint"
         why = f"cannot reach the S3 endpoint ({endpoint}); check AWS_ENDPOINT_URL and the network"
-    elif isinstance(exc, FileNotFoundError):
+    elif code in _MISSING or isinstance(exc, FileNotFoundError):
         why = "no such file or folder"
     elif isinstance(exc, PermissionError):
         why = "permission denied"

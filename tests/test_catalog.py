@@ -206,3 +206,19 @@ def test_a_test_patient_with_training_images_is_reported(synthetic_root, tmp_pat
     with caplog.at_level("WARNING", logger="pneumonet.data.split"):
         assign_validation(leaked, val_fraction=0.2, seed=1)
     assert f"1 patients have images in both train/ and test/: {patient}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [(b"PAR1 not really parquet PAR1", "is not a readable Parquet file"), (b"", "is not a readable Parquet file"),
+     (None, "lacks the columns")],
+    ids=["garbage", "empty", "foreign"],
+)  # fmt: skip
+def test_a_damaged_manifest_is_a_clear_error(tmp_path, data, reason):
+    uri = str(tmp_path / "manifest.parquet")
+    if data is None:
+        write_manifest(pd.DataFrame({"uri": ["a.png"], "label": ["NORMAL"]}), uri)
+    else:
+        storage.write_bytes(uri, data)
+    with pytest.raises(DataError, match=rf"^manifest {uri} {reason}"):
+        read_manifest(uri)

@@ -72,3 +72,37 @@ def test_read_bytes_refuses_a_file_over_max_bytes_from_its_size(kind, tmp_path, 
         storage.read_bytes(uri, max_bytes=999)
     with pytest.raises(StorageError, match="no such file"):
         storage.read_bytes(storage.join(root, "missing.dcm"), max_bytes=999)
+
+
+def test_a_local_path_is_never_reported_as_a_network_error(tmp_path):
+    folder = tmp_path / "connect-timeout-curl-resolve"
+    folder.mkdir()
+    with pytest.raises(StorageError) as missing:
+        storage.read_bytes(str(folder / "scan.png"))
+    assert str(missing.value) == f"{folder / 'scan.png'}: no such file or folder"
+    with pytest.raises(StorageError) as directory:
+        storage.read_bytes(str(folder))
+    assert "is a directory" in str(directory.value) and "cannot reach" not in str(directory.value)
+
+
+def test_s3_errors_are_classified_by_aws_error_code(s3_bucket, monkeypatch):
+    with pytest.raises(StorageError, match="the bucket does not exist"):
+        storage.write_bytes("s3://no-such-bucket-for-codes/x", b"1")
+    with pytest.raises(StorageError, match="no such file or folder"):
+        storage.read_bytes(f"{s3_bucket}/timeout/connect.png")  # words in the key say nothing
+    denied = OSError("When reading information for key 'k' in bucket 'b': AWS Error UNKNOWN (HTTP status 403) "
+                     "during HeadObject operation: No response body.")  # fmt: skip
+    assert "access denied" in str(storage._explain("s3://b/k", denied))
+    assert "access denied" not in str(storage._explain("/data/AWS Error ACCESS_DENIED during x", OSError("boom")))
+
+
+@pytest.mark.parametrize(("key", "secret"), [("AKIAEXAMPLE", None), ("AKIAEXAMPLE", ""), (None, "s3cr3t-never-shown")])
+def test_half_a_credential_pair_is_refused_not_replaced_by_the_default_chain(key, secret, monkeypatch):
+    for name, value in (("AWS_ACCESS_KEY_ID", key), ("AWS_SECRET_ACCESS_KEY", secret)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    with pytest.raises(StorageError, match=r"is set but AWS_\w+ is not \(or is empty\): set both, or neither") as caught:
+        storage.read_bytes("s3://bucket/scan.png")
+    assert "s3cr3t" not in str(caught.value) and "AKIA" not in str(caught.value)

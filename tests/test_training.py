@@ -16,6 +16,7 @@ from pneumonet import storage
 from pneumonet.artifact import build_metadata, load_artifact, save_artifact
 from pneumonet.cli import main
 from pneumonet.config import load_config
+from pneumonet.errors import ConfigError
 from pneumonet.models.transfer import find_backbone
 from pneumonet.training import loop
 from pneumonet.training.checkpoint import restore_checkpoint, save_checkpoint
@@ -26,7 +27,7 @@ from pneumonet.training.loop import (
     balanced_class_weight,
     fit,
 )
-from pneumonet.training.runs import load_latest_artifact, resolve_artifact_uri
+from pneumonet.training.runs import RunLayout, load_latest_artifact, resolve_artifact_uri
 from pneumonet.training.variants import (
     build_stage,
     prepare_data,
@@ -285,3 +286,24 @@ def test_select_last_keeps_the_final_weights_and_runs_every_epoch(data, monkeypa
     model, state, seen = run()  # the default: early stop after the plateau, epoch 1 kept
     assert state.epoch == 2 and len(seen) == 2
     assert all(np.array_equal(got, want) for got, want in zip(model.get_weights(), seen[0], strict=True))
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [("{\"data_root\": \"/d\", \"config\"", "is not valid JSON"), ("[1, 2]", "lacks data_root, config"),
+     ("{\"data_root\": \"/d\"}", "lacks config"), ("\udcff", "is not valid JSON")],
+    ids=["cut", "list", "no-config", "binary"],
+)  # fmt: skip
+def test_a_damaged_run_json_is_a_clear_error(tmp_path, text, reason):
+    layout = RunLayout(str(tmp_path), "r1")
+    storage.write_bytes(layout.run_file, text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ConfigError, match=rf"^cannot resume run r1: {layout.run_file} {reason}"):
+        layout.read_run()
+
+
+def test_a_run_json_with_an_invalid_config_is_a_clear_error(tmp_path):
+    from pneumonet.training.distributed import _check_resumable
+
+    layout = RunLayout(str(tmp_path), "r1")
+    with pytest.raises(ConfigError, match=r"^cannot resume run r1: the config in .*run\.json is not valid \(1 errors"):
+        _check_resumable(load_config(), {"data_root": "/d", "config": {"seed": "forty-two"}}, layout)

@@ -176,7 +176,17 @@ def write_manifest(manifest: pd.DataFrame, uri: str) -> None:
 
 
 def read_manifest(uri: str) -> pd.DataFrame:
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pandas()
+    """A manifest written by :func:`write_manifest`; DataError naming it when it is damaged or foreign."""
+    data = storage.read_bytes(uri)
+    try:
+        manifest = pq.read_table(io.BytesIO(data)).to_pandas()
+    except pa.ArrowException as exc:
+        raise DataError(f"manifest {uri} is not a readable Parquet file ({exc}); it is written once, when a run "
+                        "starts: start a new run rather than resume this one") from None  # fmt: skip
+    missing = [column for column in MANIFEST_COLUMNS if column not in manifest.columns]
+    if missing:
+        raise DataError(f"manifest {uri} lacks the columns {', '.join(missing)}; it is not a pneumonet manifest")
+    return manifest
 
 
 def manifest_digest(manifest: pd.DataFrame) -> str:

@@ -41,6 +41,7 @@ import threading
 from typing import Any
 
 import keras
+from pydantic import ValidationError
 
 from pneumonet import storage, tracking
 from pneumonet.config import VARIANTS, Config, Variant
@@ -134,7 +135,11 @@ def _transfer_source(variants: list[Variant], layout: RunLayout, out: str | None
 
 
 def _check_resumable(config: Config, record: dict, layout: RunLayout) -> None:
-    saved = Config.model_validate(record["config"])
+    try:
+        saved = Config.model_validate(record["config"])
+    except ValidationError as exc:
+        raise ConfigError(f"cannot resume run {layout.run_id}: the config in {layout.run_file} is not valid "
+                          f"({exc.error_count()} errors, e.g. {exc.errors()[0]['msg']}); start a new run") from None  # fmt: skip
     if saved.model != config.model or saved.seed != config.seed:
         changed = [key for key in ("seed", "model") if getattr(saved, key) != getattr(config, key)]
         raise ConfigError(

@@ -28,6 +28,7 @@ from pneumonet.errors import ArtifactError, ConfigError
 
 LATEST = "latest"
 RUN_FILE = "run.json"
+RUN_KEYS = ("data_root", "config")  # what --resume reads back
 MANIFEST_FILE = "manifest.parquet"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -76,7 +77,15 @@ class RunLayout:
     def read_run(self) -> dict:
         if not storage.exists(self.run_file):
             raise ConfigError(f"cannot resume run {self.run_id}: {self.run_file} does not exist")
-        return json.loads(storage.read_text(self.run_file))
+        try:
+            record = json.loads(storage.read_text(self.run_file))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot resume run {self.run_id}: {self.run_file} is not valid JSON ({exc}); "
+                              "start a new run") from None  # fmt: skip
+        missing = [key for key in RUN_KEYS if key not in record] if isinstance(record, dict) else list(RUN_KEYS)
+        if missing:
+            raise ConfigError(f"cannot resume run {self.run_id}: {self.run_file} lacks {', '.join(missing)}; start a new run")
+        return record
 
     def mark_latest(self, variant: str) -> None:
         storage.write_text(storage.join(self.storage, "models", variant, LATEST), self.run_id + "\n")
