@@ -36,6 +36,7 @@ from pneumonet.artifact_meta import (  # noqa: F401  (re-exported: the artifact'
     META_FILE,
     MODEL_FILE,
     SITE_KEY,
+    check_artifact,
     operating_threshold,
     read_metadata,
 )
@@ -159,14 +160,9 @@ def derive_artifact(artifact: Artifact, meta: dict[str, Any], uri: str) -> str:
 def load_artifact(uri: str) -> Artifact:
     """Load and check an artifact; every defect is an :class:`ArtifactError` naming ``uri``."""
     uri = str(uri)
+    meta = check_artifact(uri)
     try:
-        if not storage.is_dir(uri):
-            raise ArtifactError(f"artifact {uri} does not exist (no such folder or prefix)")
-        meta = read_metadata(uri)
-        model_uri = storage.join(uri, MODEL_FILE)
-        if not storage.exists(model_uri):
-            raise ArtifactError(f"artifact {uri} is incomplete: {MODEL_FILE} is missing")
-        with storage.local_path(model_uri) as path:
+        with storage.local_path(storage.join(uri, MODEL_FILE)) as path:
             digest = _digest(path)
             if digest != meta["version"]:
                 raise ArtifactError(

@@ -13,7 +13,7 @@ from typing import Any
 
 import pneumonet
 from pneumonet import storage
-from pneumonet.errors import ArtifactError
+from pneumonet.errors import ArtifactError, StorageError
 
 MODEL_FILE = "model.keras"
 META_FILE = "pneumonet.json"
@@ -54,6 +54,20 @@ def read_metadata(uri: str) -> dict[str, Any]:
         if not isinstance(site, dict) or "threshold" not in site:
             raise ArtifactError(f"artifact {uri}: {SITE_KEY} must be an object with a threshold, got {site!r}")
         _check_threshold(uri, f"{SITE_KEY}.threshold", site["threshold"])
+    return meta
+
+
+def check_artifact(uri: str) -> dict[str, Any]:
+    """The checked metadata of a complete artifact (folder, ``pneumonet.json``, ``model.keras`` present):
+    what a process without TensorFlow can check before it starts replicas or actors that load the model."""
+    try:
+        if not storage.is_dir(uri):
+            raise ArtifactError(f"artifact {uri} does not exist (no such folder or prefix)")
+        meta = read_metadata(uri)
+        if not storage.exists(storage.join(uri, MODEL_FILE)):
+            raise ArtifactError(f"artifact {uri} is incomplete: {MODEL_FILE} is missing")
+    except StorageError as exc:
+        raise ArtifactError(f"artifact {uri} cannot be read: {exc}") from exc
     return meta
 
 

@@ -26,7 +26,7 @@ from PIL import Image
 from pneumonet.artifact import build_metadata, load_artifact, save_artifact
 from pneumonet.config import load_config
 from pneumonet.data.images import load_image
-from pneumonet.errors import ConfigError, ImageDecodeError
+from pneumonet.errors import ArtifactError, ConfigError, ImageDecodeError
 from pneumonet.scoring.cluster import SERVE_ENV
 from pneumonet.scoring.uploads import ApiError, decoder_source, parse_multipart, token_from_env
 
@@ -328,6 +328,23 @@ def test_app_builder_checks_its_args(model_uri: str, monkeypatch: pytest.MonkeyP
     with pytest.raises(ConfigError, match="serve.max_batch_size"):
         app_builder({"model": model_uri, "overrides": ["serve.max_batch_size=0"]})
     assert app_builder({"model": model_uri, "overrides": ["serve.max_batch_size=4"]}) is not None
+
+
+def test_app_builder_refuses_a_bad_model_before_any_replica_starts(model_uri: str, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.syspath_prepend(str(REPO))
+    from serve.app import app_builder
+
+    with pytest.raises(ArtifactError, match=r"does not exist \(no such folder or prefix\)"):
+        app_builder({"model": str(tmp_path / "typo")})
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    (incomplete / "pneumonet.json").write_bytes((Path(model_uri) / "pneumonet.json").read_bytes())
+    with pytest.raises(ArtifactError, match=r"is incomplete: model\.keras is missing"):
+        app_builder({"model": str(incomplete)})
+    (incomplete / "pneumonet.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match=r"pneumonet\.json is not valid JSON"):
+        app_builder({"model": str(incomplete)})
 
 
 def distinct_images(count: int) -> list[bytes]:

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from pneumonet import storage
-from pneumonet.artifact_meta import operating_threshold, read_metadata
+from pneumonet.artifact_meta import check_artifact, operating_threshold
 from pneumonet.config import Config, load_config
 from pneumonet.errors import DataError, PneumonetError
 from pneumonet.scoring import parts
@@ -197,7 +197,7 @@ def _pipeline(todo: pa.Array, model_uri: str, image_size: int, config: Config) -
 
 def score_archive(model_uri: str, input_uri: str, output_uri: str, config: Config) -> dict[str, Any]:
     """Score every file of ``input_uri`` into ``output_uri`` (resuming), write and return the summary."""
-    meta = read_metadata(model_uri)  # fail fast on the driver (kept free of TensorFlow: it runs on the head)
+    meta = check_artifact(model_uri)  # fail fast on the driver (kept free of TensorFlow: it runs on the head)
     model_id = f"{meta['name']}:{meta['version']}"
     output = parts.absolute(output_uri)
     storage.check_access(output, write=True)

@@ -49,7 +49,7 @@ from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException
 
-from pneumonet.artifact_meta import operating_threshold, read_metadata
+from pneumonet.artifact_meta import check_artifact, operating_threshold
 from pneumonet.config import Config, load_config
 from pneumonet.data.images import load_image
 from pneumonet.errors import ConfigError, ImageDecodeError
@@ -332,14 +332,18 @@ def app_builder(args: dict[str, Any]) -> Application:
     except ValidationError as exc:
         raise ConfigError(f"bad application args {sorted(args or {})}: {exc.errors()[0]['msg']} "
                           f"at {'.'.join(map(str, exc.errors()[0]['loc']))}") from None  # fmt: skip
-    return build_app(parsed.model, load_config(parsed.config, parsed.overrides))
+    config = load_config(parsed.config, parsed.overrides)
+    # Serve builds the app on the head, then starts replicas that load the model: a bad URI must fail
+    # the deploy here, not become replicas that crash and restart forever.
+    check_artifact(parsed.model)
+    return build_app(parsed.model, config)
 
 
 def serve_locally(model_uri: str, config: Config, host: str | None = None, port: int | None = None) -> None:
     """``pneumonet serve``: a local Ray with the application on host:port, until Ctrl-C."""
     from pneumonet.scoring.cluster import init_ray, set_serve_env
 
-    read_metadata(model_uri)  # a wrong path fails here, not as a replica that never starts
+    check_artifact(model_uri)  # a wrong path fails here, not as a replica that never starts
     host = host or config.serve.host
     port = port or config.serve.port
     set_serve_env()  # the local Ray's processes inherit it
