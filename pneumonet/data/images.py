@@ -55,7 +55,8 @@ _WINDOW_SAMPLE = 2**18
 _WINDOW_ROWS = 256
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 _DICOM_VRS = frozenset(vr.value.encode("ascii") for vr in VR)
-_NATIVE_SYNTAXES = {(True, True): ImplicitVRLittleEndian, (False, True): ExplicitVRLittleEndian}
+_NATIVE_SYNTAXES = {(True, True): ImplicitVRLittleEndian, (False, True): ExplicitVRLittleEndian,
+                    (False, False): ExplicitVRBigEndian}  # (implicit VR, little endian) → transfer syntax
 
 
 def is_image_name(name: str) -> bool:
@@ -159,10 +160,10 @@ def _decode_dicom(data: bytes, source: str, max_pixels: int) -> Image.Image:
         raise ImageDecodeError(f"{source}: not a readable DICOM file ({exc})") from None
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ImageDecodeError(f"{source}: DICOM file has no pixel data")
-    if "TransferSyntaxUID" not in ds.file_meta:  # a bare data set: native pixels, encoded as it was read
-        implicit, little = ds.original_encoding
-        ds.file_meta.TransferSyntaxUID = _NATIVE_SYNTAXES.get((implicit, little), ExplicitVRBigEndian)
     try:
+        if "TransferSyntaxUID" not in ds.file_meta and ds.original_encoding in _NATIVE_SYNTAXES:
+            # A bare data set (no file meta) holds native pixels, encoded as the data set was read.
+            ds.file_meta.TransferSyntaxUID = _NATIVE_SYNTAXES[ds.original_encoding]
         _check_pixels(source, int(ds.get("Columns") or 0), int(ds.get("Rows") or 0), max_pixels)
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
         out = _dicom_pixels(ds, source)
