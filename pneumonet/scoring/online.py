@@ -14,10 +14,11 @@ Every refusal is a 4xx or a 503 with ``{"error": "..."}``: 400 malformed request
 missing bearer token (when the env var named by ``serve.auth_token_env`` is set), 413 body over
 ``serve.max_request_bytes`` (checked on Content-Length and while reading) or more images than
 ``serve.max_batch_images``, 415 unsupported content type, 422 not a decodable image (corrupt,
-unknown format, over ``data.max_image_bytes`` or ``data.max_image_pixels``). Images are decoded in the request handler, before
-batching, so only good images ever reach the model; concurrent requests are then scored together
-(``@serve.batch``, ``serve.max_batch_size``/``serve.batch_wait_timeout_s``) and each response says
-in ``batch_size`` how many images shared its model call.
+unknown format, over ``data.max_image_bytes`` or ``data.max_image_pixels``; a multipart part's own
+``application/dicom`` type selects the DICOM decoder). Images are decoded in the request handler,
+before batching, so only good images ever reach the model; concurrent requests are then scored
+together (``@serve.batch``, ``serve.max_batch_size``/``serve.batch_wait_timeout_s``) and each
+response says in ``batch_size`` how many images shared its model call.
 
 Overload is refused fast, with 503 and ``Retry-After: serve.retry_after_s``, never by making every
 caller wait. A replica refuses on arrival, before reading the body, a request whose images would
