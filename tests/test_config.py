@@ -35,6 +35,7 @@ def test_round_trip_through_yaml(tmp_path):
         ("model.backbone=NoSuchNet", "'model.backbone'"),
         ("data.val_fraction=0.9", "'data.val_fraction'"),
         ("tracking.mode=sometimes", "'tracking.mode'"),
+        ("data.max_image_bytes=0", "'data.max_image_bytes'"),
         ("nonsense", "key.path=value"),
     ],
 )
@@ -51,3 +52,8 @@ def test_bad_file(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_image_limits_default_and_override():
+    assert load_config().data.max_image_bytes == 64 * 2**20
+    assert load_config(None, ["data.max_image_bytes=1000000"]).data.max_image_bytes == 1_000_000
