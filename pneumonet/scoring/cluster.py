@@ -11,7 +11,8 @@ SERVE_ENV = {
     # Serve's proxy answers 503 + Retry-After, not a bare 500, for a request whose replica died.
     "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "pneumonet.scoring.proxy:middlewares",
     # Handlers on the replica's own event loop and the proxy's router on the proxy's, not each on a
-    # second thread: two thread hops less per request (~15% less CPU per request on 2 cores). The
+    # second thread: two thread hops less per request (one back-to-back pair: -17% CPU per request;
+    # not confirmed by later, noisier runs). The
     # endpoint never blocks its loop (decoding and the model run in threads).
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
