@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import RLELossless, SecondaryCaptureImageStorage, generate_uid
 
 from pneumonet.data.images import load_image
 from pneumonet.errors import PneumonetError
