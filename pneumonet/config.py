@@ -152,6 +152,7 @@ class ScoreConfig(_Strict):
     workers: int = Field(1, ge=1, description="Inference actors.")
     gpus_per_worker: float = Field(0.0, ge=0.0)
     rows_per_file: int = Field(10_000, ge=1, description="Rows per output Parquet part.")
+    progress_seconds: float = Field(30.0, gt=0, description="Seconds between progress lines (job log and W&B).")
 
 
 class ServeConfig(_Strict):

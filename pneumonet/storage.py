@@ -107,6 +107,11 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
 
 
+def absolute(uri: str) -> str:
+    """Local paths made absolute (as :func:`list_files` returns them); ``s3://`` without a trailing slash."""
+    return str(uri).rstrip("/") if is_s3(uri) else str(Path(uri).expanduser().absolute())
+
+
 def join(base: str, *parts: str) -> str:
     """Join path parts onto a folder or ``s3://`` prefix."""
     base = str(base)

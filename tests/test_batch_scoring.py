@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -35,7 +36,8 @@ from pneumonet.data.images import load_image
 from pneumonet.errors import DataError
 from pneumonet.scoring import parts
 from pneumonet.scoring.batch import score_archive
-from pneumonet.scoring.inputs import list_inputs
+from pneumonet.scoring.inputs import input_dataset
+from pneumonet.scoring.plan import reconcile
 from pneumonet.scoring.summary import HISTOGRAM_FILE, SUMMARY_FILE, summarize_output
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,8 +135,9 @@ def config(*extra: str) -> Config:
 
 
 def read_output(output: str) -> pd.DataFrame:
-    tables = parts.read_parts(output, [field.name for field in parts.SCHEMA])
-    return pd.concat([t.to_pandas() for t in tables], ignore_index=True)
+    columns = [field.name for field in parts.SCHEMA]
+    tables = [parts.read_part(uri, columns) for uri in parts.list_parts(output)]
+    return pa.concat_tables([parts.SCHEMA.empty_table(), *tables]).to_pandas()
 
 
 def check_complete(frame: pd.DataFrame, inputs: list[str]) -> None:
@@ -163,14 +166,17 @@ def test_every_file_scored_once_errors_recorded_probabilities_exact(archive: Pat
     assert (good["prediction"].to_numpy() == want).all() and set(want) == {"NORMAL", "PNEUMONIA"}
     assert (frame["model"] == f"{artifact.name}:{artifact.version}").all()
     assert frame["scored_at"].dt.tz is not None and frame["scored_at"].notna().all()
-    assert len(parts.list_parts(output)) == -(-len(inputs) // 16)
+    sizes = [pq.read_metadata(uri).num_rows for uri in parts.list_parts(output)]
+    assert max(sizes) == 16 and sum(sizes) == len(inputs)  # parts of score.rows_per_file rows at most
 
     on_disk = json.loads(Path(output, SUMMARY_FILE).read_text())
     assert on_disk["files"] == len(inputs) and on_disk["scored"] == len(good) and on_disk["failures"] == len(BAD)
     assert on_disk["missing"] == 0 and on_disk["duplicate_rows"] == 0 and len(on_disk["failure_examples"]) == len(BAD)
     assert on_disk["predictions"] == good["prediction"].value_counts().to_dict()
     assert sum(on_disk["probability"]["histogram"]["counts"]) == len(good)
-    assert on_disk["probability"]["quantiles"]["p50"] == pytest.approx(np.quantile(good["probability"], 0.5))
+    for q in (0.05, 0.5, 0.95):  # from a histogram of 20,000 bins: within one bin width
+        assert on_disk["probability"]["quantiles"][f"p{round(q * 100):02d}"] == pytest.approx(np.quantile(good["probability"], q), abs=5e-5)
+    assert on_disk["probability"]["mean"] == pytest.approx(good["probability"].mean())
     assert on_disk["run"]["scored_this_run"] == len(good) and on_disk["run"]["images_per_second"] > 0
     assert on_disk["model"] == f"{artifact.name}:{artifact.version}" and on_disk["threshold"] == artifact.threshold
     assert summary["files"] == on_disk["files"]
@@ -212,14 +218,17 @@ def test_manifest_inputs_csv_and_parquet(archive: Path, model_uri: str, ray_addr
     check_complete(read_output(output), chosen)
     assert summary["failures"] == 1
     pd.DataFrame({"uri": chosen[::-1]}).to_parquet(tmp_path / "list.parquet")
-    assert list_inputs(str(tmp_path / "list.parquet")).to_pylist() == sorted(chosen)
+    assert sorted(input_dataset(str(tmp_path / "list.parquet")).to_pandas()["uri"]) == sorted(chosen)
+    pd.DataFrame({"uri": [chosen[0], " "]}).to_csv(tmp_path / "blank.csv", index=False)
+    with pytest.raises(DataError, match="1 rows have an empty 'uri'"):
+        score_archive(model_uri, str(tmp_path / "blank.csv"), str(tmp_path / "out-blank"), config())
 
     pd.DataFrame({"path": chosen}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(DataError, match="'uri' column"):
         score_archive(model_uri, str(tmp_path / "bad.csv"), str(tmp_path / "out-bad"), config())
 
 
-def test_output_of_another_model_is_not_mixed(archive: Path, model_uri: str, tmp_path: Path) -> None:
+def test_output_of_another_model_is_not_mixed(archive: Path, model_uri: str, ray_address: str, tmp_path: Path) -> None:
     output = tmp_path / "scores"
     output.mkdir()
     frame = pd.DataFrame({"uri": ["x"], "probability": [0.5], "prediction": ["NORMAL"], "model": ["other:123"],
@@ -229,53 +238,74 @@ def test_output_of_another_model_is_not_mixed(archive: Path, model_uri: str, tmp
         score_archive(model_uri, str(archive), str(output), config())
 
 
-def test_summary_counts_gaps_and_duplicates(tmp_path: Path) -> None:
+def test_summary_and_anti_join_count_gaps_and_duplicates(ray_address: str, tmp_path: Path) -> None:
+    import ray
+
     def rows(uris: list[str], probs: list[float | None]) -> pa.Table:
         return pa.table({"uri": uris, "probability": probs, "prediction": ["NORMAL" if p is not None else None for p in probs],
                          "model": ["m:1"] * len(uris), "scored_at": [pd.Timestamp.now(tz="UTC")] * len(uris),
                          "error": [None if p is not None else "bad" for p in probs]})  # fmt: skip
 
     parts.write_part(str(tmp_path), "part-a-00000.parquet", rows(["a", "b"], [0.1, None]))
-    parts.write_part(str(tmp_path), "part-b-00000.parquet", rows(["b"], [0.9]))
-    summary = summarize_output(str(tmp_path), pa.array(["a", "b", "c"]))
-    assert (summary["files"], summary["missing"], summary["duplicate_rows"]) == (3, 1, 1)
-    assert (summary["scored"], summary["failures"], summary["predictions"]) == (2, 1, {"NORMAL": 2})
+    parts.write_part(str(tmp_path), "part-b-00000.parquet", rows(["b", "x"], [0.9, 0.5]))
+    summary = summarize_output(str(tmp_path))
+    assert (summary["files"], summary["scored"], summary["failures"], summary["predictions"]) == (4, 3, 1, {"NORMAL": 3})
     assert summary["probability"]["histogram"]["counts"][2] == 1 and summary["failure_examples"] == ["bad"]
-    assert parts.not_in(pa.array(["c", "b", "a", "d"]), parts.scored_uris(str(tmp_path), "m:1")).to_pylist() == ["c", "d"]
+    assert summary["probability"]["quantiles"]["p50"] == pytest.approx(0.5, abs=5e-5)
+
+    inputs = ray.data.from_items([{"uri": uri} for uri in ["c", "b", "a", "d", "c"]])
+    plan = reconcile(inputs, parts.parts_dataset(str(tmp_path), ["uri", "model"], model="m:1"), partitions=3)
+    assert (plan.inputs, plan.already, plan.todo, plan.repeated_inputs, plan.duplicate_rows, plan.other_rows) == (4, 2, 2, 1, 1, 1)
+    assert sorted(plan.todo_dataset().to_pandas()["uri"]) == ["c", "d"]
+    assert sorted(plan.inputs_dataset().to_pandas()["uri"]) == ["a", "b", "c", "d"]
 
 
-def test_killed_job_resumes_without_duplicates_or_gaps(
-    tmp_path_factory: pytest.TempPathFactory, model_uri: str, ray_address: str, tmp_path: Path
-) -> None:
-    from pneumonet.data.synthetic import synthesize_dataset
+def rows_in_parts(output: Path) -> int:
+    return sum(pq.read_metadata(path).num_rows for path in output.glob("part-*.parquet"))
 
-    root = synthesize_dataset(tmp_path_factory.mktemp("big"), n=160, size=SIZE, seed=5)
-    inputs = [entry.uri for entry in storage.list_files(str(root))]
-    output = tmp_path / "scores"
-    command = [sys.executable, str(REPO / "jobs" / "batch_score.py"), "--model", model_uri, "--input", str(root),
-               "--output", str(output), "--batch-size", "2", *MODEL_OVERRIDES, "score.rows_per_file=4",
-               "tracking.mode=disabled"]  # fmt: skip
-    env = dict(os.environ, RAY_ADDRESS=ray_address, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+def run_and_kill_at(command: list[str], env: dict[str, str], output: Path, rows: int) -> None:
+    """Start the job, SIGKILL its process group once ``rows`` rows are in parts (bounded in time)."""
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while not list(output.glob("part-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+        deadline = time.monotonic() + 180
+        while rows_in_parts(output) < rows and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         assert proc.poll() is None, f"the job ended before it could be killed:\n{proc.stderr.read().decode()[-3000:]}"
-        assert list(output.glob("part-*.parquet")), "no part was written within 120 s"
+        assert rows_in_parts(output) >= rows, f"fewer than {rows} rows in parts within 180 s"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         proc.stderr.close()
-    first = read_output(str(output))
-    assert 0 < len(first) < len(inputs) and first["uri"].is_unique
-    assert not (output / SUMMARY_FILE).exists()
+
+
+def test_job_killed_twice_half_way_then_finished_scores_each_file_once(
+    tmp_path_factory: pytest.TempPathFactory, model_uri: str, ray_address: str, tmp_path: Path
+) -> None:
+    from pneumonet.data.synthetic import synthesize_dataset
+
+    root = synthesize_dataset(tmp_path_factory.mktemp("big"), n=240, size=SIZE, seed=5)
+    (root / "broken.jpeg").write_bytes(b"\xff\xd8 not really")  # an error row must survive the kills too
+    inputs = [entry.uri for entry in storage.list_files(str(root))]
+    output = tmp_path / "scores"
+    command = [sys.executable, str(REPO / "jobs" / "batch_score.py"), "--model", model_uri, "--input", str(root),
+               "--output", str(output), "--batch-size", "2", *MODEL_OVERRIDES, "score.rows_per_file=4",
+               "score.progress_seconds=1", "tracking.mode=disabled"]  # fmt: skip
+    env = dict(os.environ, RAY_ADDRESS=ray_address, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    seen = [0]
+    for share in (0.5, 0.75):  # about half of what is left, each time
+        run_and_kill_at(command, env, output, round(share * len(inputs)))
+        frame = read_output(str(output))
+        assert seen[-1] < len(frame) < len(inputs) and frame["uri"].is_unique
+        assert set(frame["uri"]) <= set(inputs) and not (output / SUMMARY_FILE).exists()
+        seen.append(len(frame))
 
     summary = score_archive(model_uri, str(root), str(output), config("score.rows_per_file=4"))
     frame = read_output(str(output))
     check_complete(frame, inputs)
-    assert summary["run"]["already_scored"] == len(first)
-    assert summary["run"]["scored_this_run"] + summary["run"]["failed_this_run"] == len(inputs) - len(first)
+    assert frame.loc[frame["uri"].str.endswith("broken.jpeg"), "error"].notna().all()
+    assert summary["run"]["already_scored"] >= seen[-1] and summary["missing"] == summary["duplicate_rows"] == 0
+    assert summary["run"]["already_scored"] + summary["run"]["scored_this_run"] + summary["run"]["failed_this_run"] == len(inputs)
     runs = {Path(uri).name.rsplit("-", 1)[0] for uri in parts.list_parts(str(output))}
-    assert len(runs) == 2
+    assert len(runs) == 3
     assert not list(output.glob(".*"))

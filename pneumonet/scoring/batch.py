@@ -1,16 +1,29 @@
 """Score whole image archives with Ray Data: ``pneumonet score`` and ``jobs/batch_score.py``.
 
-The pipeline streams, so memory stays flat whatever the archive size::
+Built so that the driver (the Ray head pod of a RayJob) holds no per-file state: its memory is
+the same for ten thousand files and for ten million. Every stage that touches URIs or rows runs
+on the workers; the driver plans, counts and reports::
 
-    URIs listed on the driver ──► read + decode (Ray tasks, CPU) ──► model (actor pool, one model
-    per actor, optional GPUs) ──► result rows back to the driver ──► Parquet parts in the output
+    input URIs (Ray Data: manifest reader, or a parallel listing by sub-prefix; inputs.py)
+        ──► anti-join against the URIs of the output's existing parts (hash-shuffle groupby on the
+            workers, materialized in the object store; plan.py) ──► to-do URIs
+        ──► read + decode (Ray tasks, CPU) ──► model (actor pool, one model per actor, optional GPUs)
+        ──► parts written by the workers, atomically, named by their content (parts.py)
+        ──► one row of counts per part back to the driver: progress, W&B (progress.py)
+        ──► check (the anti-join again: no URI missing, none twice) and summary (summary.py)
 
-Only URIs and result rows (a few dozen bytes each) ever reach the driver; pixels live in Ray's
-object store between the two stages, under Ray Data's backpressure. Each file is decoded by the
-one shared decoder (:func:`pneumonet.data.images.load_image`) and a file that cannot be read or
-decoded becomes a row with an ``error`` instead of failing the job. Parts are written atomically
-and already-scored URIs are skipped, so a killed job re-run with the same output finishes the
-rest with no duplicates and no gaps (see :mod:`pneumonet.scoring.parts`).
+Why this shape: listing on the driver costs ~2 MiB per 1,000 files (20 GiB at ten million, more
+than a head pod has), and so does a Python set of done URIs; a hash-shuffle join spreads both over
+the cluster and its result stays in the object store. Rows reaching the driver cost as much again,
+so the parts are written where the rows are. Pixels live in Ray's object store between decode and
+model, under Ray Data's backpressure.
+
+Exactly once: a part is visible whole or not at all, each run scores only URIs that no part holds,
+and a part's name is a digest of its URIs, so a task retried by Ray rewrites its own part instead
+of adding a copy. A killed job re-run with the same output therefore finishes the rest, with no
+duplicates and no gaps; the final check proves it (or fails the job, naming the counts). A file
+that cannot be read or decoded (one shared decoder, :func:`pneumonet.data.images.load_image`)
+becomes a row with an ``error`` instead of failing the job.
 """
 
 from __future__ import annotations
@@ -34,18 +47,22 @@ from pneumonet.artifact_meta import check_artifact, operating_threshold
 from pneumonet.config import Config, load_config
 from pneumonet.errors import DataError, PneumonetError
 from pneumonet.scoring import parts
-from pneumonet.scoring.cluster import init_ray
-from pneumonet.scoring.inputs import list_inputs, not_image_reason
+from pneumonet.scoring.cluster import init_ray, remote_errors
+from pneumonet.scoring.inputs import input_dataset, not_image_reason
 from pneumonet.scoring.options import SCORE_DESCRIPTION, add_score_arguments
+from pneumonet.scoring.plan import Plan, reconcile
 from pneumonet.scoring.predict import decide
+from pneumonet.scoring.progress import Progress
 from pneumonet.scoring.summary import summarize_output, write_summary
 
 log = logging.getLogger(__name__)
 
-# Model batches per input block. A block is the unit of streaming: its result rows reach the driver
-# when its last batch is scored, so blocks stay small (a ten-million-file archive at batch size 64
-# is ~80,000 blocks of URIs, a few MB of Ray objects).
+# Model batches per input block. A block is the unit of streaming (and of a retry), so blocks stay
+# small; the driver holds no per-block state beyond the blocks in flight.
 BATCHES_PER_BLOCK = 2
+# CPUs reserved per part-writing task: it encodes a few thousand small rows, so it must not wait
+# for a whole CPU while decode tasks and model actors hold them all.
+WRITE_CPUS = 0.25
 # Files read concurrently inside one decode task (S3 latency); decoding itself stays on the
 # task's one CPU so Ray's CPU accounting holds.
 READ_THREADS = 8
@@ -143,16 +160,20 @@ class RunStats:
     run_id: str
     inputs: int
     already_scored: int
+    planning_seconds: float  # listing + reading the existing parts + anti-join
     scored_this_run: int = 0
     failed_this_run: int = 0
     parts_written: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the scoring pipeline, start-up included
     seconds_to_first_part: float | None = None  # start-up: actors starting, models loading
+    steady_images_per_second: float | None = None  # from the first part's landing to the last's
+    check_seconds: float = 0.0  # the final anti-join (skipped when nothing was written)
 
     def as_dict(self) -> dict[str, Any]:
         files = self.scored_this_run + self.failed_this_run
         rate = files / self.seconds if self.seconds > 0 else None
-        return {**self.__dict__, "seconds": round(self.seconds, 3), "images_per_second": rate and round(rate, 2)}
+        rounded = {key: round(value, 3) if isinstance(value, float) else value for key, value in self.__dict__.items()}
+        return {**rounded, "images_per_second": rate and round(rate, 2)}
 
 
 @contextmanager
@@ -169,15 +190,12 @@ def _tracking(config: Config, output: str, run_id: str, settings: dict[str, Any]
         yield run
 
 
-def _pipeline(todo: pa.Array, model_uri: str, image_size: int, config: Config) -> Any:
-    """The lazy Ray Dataset of result rows for ``todo``."""
+def _pipeline(todo: Any, model_uri: str, image_size: int, config: Config, output: str, run_id: str) -> Any:
+    """The lazy Ray Dataset that scores ``todo`` (``uri`` rows) into parts: one row of counts per part."""
     import ray
 
     score = config.score
-    rows = score.batch_size * BATCHES_PER_BLOCK
-    # Each block gets its own compact copy: a slice would carry (and ship) the whole array's buffers.
-    starts = range(0, len(todo), rows)
-    dataset = ray.data.from_arrow([pa.table({"uri": pa.array(todo.slice(i, rows).to_pylist(), pa.string())}) for i in starts])
+    dataset = todo.repartition(target_num_rows_per_block=score.batch_size * BATCHES_PER_BLOCK)
     dataset = dataset.map_batches(
         decode_batch,
         batch_size=score.batch_size,
@@ -185,7 +203,7 @@ def _pipeline(todo: pa.Array, model_uri: str, image_size: int, config: Config) -
         fn_kwargs={"size": image_size, "max_pixels": config.data.max_image_pixels, "max_bytes": config.data.max_image_bytes},
         memory=DECODE_MEMORY,
     )
-    return dataset.map_batches(
+    dataset = dataset.map_batches(
         Scorer,
         batch_size=score.batch_size,
         batch_format="numpy",
@@ -193,66 +211,98 @@ def _pipeline(todo: pa.Array, model_uri: str, image_size: int, config: Config) -
         compute=ray.data.ActorPoolStrategy(size=score.workers),
         num_gpus=score.gpus_per_worker or None,
     )
+    return dataset.map_batches(
+        parts.write_batch,
+        batch_size=score.rows_per_file,
+        batch_format="pyarrow",
+        fn_kwargs={"output": output, "run_id": run_id},
+        num_cpus=WRITE_CPUS,
+    )
+
+
+def _partitions() -> int:
+    """Hash partitions of the anti-join: a few per CPU of the cluster, so each stays small."""
+    import ray
+
+    return max(8, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
 def score_archive(model_uri: str, input_uri: str, output_uri: str, config: Config) -> dict[str, Any]:
     """Score every file of ``input_uri`` into ``output_uri`` (resuming), write and return the summary."""
+    import ray
+
     meta = check_artifact(model_uri)  # fail fast on the driver (kept free of TensorFlow: it runs on the head)
     model_id = f"{meta['name']}:{meta['version']}"
-    output = parts.absolute(output_uri)
+    output = storage.absolute(output_uri)
     storage.check_access(output, write=True)
-    inputs = list_inputs(input_uri, exclude_prefix=output)
     parts.remove_stale_temporaries(output)
-    todo = parts.not_in(inputs, parts.scored_uris(output, model_id))
-    stats = RunStats(parts.new_run_id(), len(inputs), len(inputs) - len(todo))
-    log.info(
-        "scoring %d files from %s with %s: %d already in %s, %d to do",
-        len(inputs), input_uri, model_id, stats.already_scored, output, len(todo),
-    )  # fmt: skip
-    settings = {"input": input_uri, "output": output, "run_id": stats.run_id, "inputs": len(inputs),
-                "already_scored": stats.already_scored}  # fmt: skip
-    with _tracking(config, output, stats.run_id, settings) as run:
-        run.use_model_artifact(model_uri, meta)
-        if len(todo):
-            _run_pipeline(todo, model_uri, int(meta["image_size"]), config, output, stats, run)
-        summary = summarize_output(output, inputs)
-        if summary["missing"] or summary["duplicate_rows"]:
-            raise DataError(
-                f"{output}: {summary['missing']} inputs have no row and {summary['duplicate_rows']} rows repeat "
-                "a URI; run the job again to score the missing ones"
-            )
-        threshold, source = operating_threshold(meta)
-        summary.update(model=model_id, model_uri=model_uri, input=input_uri, output=output,
-                       threshold=threshold, threshold_source=source, run=stats.as_dict())  # fmt: skip
-        write_summary(output, summary, threshold, f"{model_id} on {input_uri}")
-        run.summary({key: value for key, value in summary.items() if key != "failure_examples"})
+    init_ray()
+    # The job log carries our progress lines; Ray Data's own per-operator bars would drown them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    with remote_errors():
+        start = time.monotonic()
+        inputs = input_dataset(input_uri, exclude_prefix=output)
+        plan = reconcile(inputs, parts.parts_dataset(output, ["uri", "model"], model=model_id), _partitions())
+        if plan.inputs == 0:
+            raise DataError(f"{input_uri}: no files to score")
+        stats = RunStats(parts.new_run_id(), plan.inputs, plan.already, time.monotonic() - start)
+        _log_plan(plan, input_uri, output, model_id, stats)
+        settings = {"input": input_uri, "output": output, "run_id": stats.run_id, "inputs": plan.inputs,
+                    "already_scored": plan.already}  # fmt: skip
+        with _tracking(config, output, stats.run_id, settings) as run:
+            run.use_model_artifact(model_uri, meta)
+            check = plan
+            if plan.todo:
+                _run_pipeline(plan, model_uri, int(meta["image_size"]), config, output, stats, run)
+                start = time.monotonic()
+                check = reconcile(plan.inputs_dataset(), parts.parts_dataset(output, ["uri"]), _partitions())
+                stats.check_seconds = time.monotonic() - start
+            if check.missing or check.duplicate_rows:
+                raise DataError(
+                    f"{output}: {check.missing} inputs have no row and {check.duplicate_rows} rows repeat "
+                    "a URI; run the job again to score the missing ones"
+                )
+            summary = summarize_output(output)
+            threshold, source = operating_threshold(meta)
+            summary.update(missing=check.missing, duplicate_rows=check.duplicate_rows, model=model_id,
+                           model_uri=model_uri, input=input_uri, output=output, threshold=threshold,
+                           threshold_source=source, run=stats.as_dict())  # fmt: skip
+            write_summary(output, summary, threshold, f"{model_id} on {input_uri}")
+            run.summary({key: value for key, value in summary.items() if key != "failure_examples"})
     return summary
 
 
+def _log_plan(plan: Plan, input_uri: str, output: str, model_id: str, stats: RunStats) -> None:
+    log.info(
+        "scoring %d files from %s with %s: %d already in %s, %d to do (planned in %.1f s)",
+        plan.inputs, input_uri, model_id, plan.already, output, plan.todo, stats.planning_seconds,
+    )  # fmt: skip
+    if plan.repeated_inputs:
+        log.warning("%s lists %d URIs more than once; each is scored once", input_uri, plan.repeated_inputs)
+    if plan.other_rows:
+        log.warning("%s holds %d rows of files that are not inputs now; kept, not counted", output, plan.other_rows)
+
+
 def _run_pipeline(
-    todo: pa.Array, model_uri: str, image_size: int, config: Config, output: str, stats: RunStats, run: Any
+    plan: Plan, model_uri: str, image_size: int, config: Config, output: str, stats: RunStats, run: Any
 ) -> None:
-    """Stream result rows from Ray Data and write them as parts of ``rows_per_file`` rows."""
-    init_ray()
+    """Score ``plan``'s to-do URIs; the driver sees one row of counts per part written."""
     start = time.monotonic()
-    dataset = _pipeline(todo, model_uri, image_size, config)
-    for table in dataset.iter_batches(batch_size=config.score.rows_per_file, batch_format="pyarrow"):
-        uri = parts.write_part(output, parts.part_name(stats.run_id, stats.parts_written), table)
-        scored = table.column("error").null_count
-        stats.parts_written += 1
-        stats.scored_this_run += scored
-        stats.failed_this_run += table.num_rows - scored
-        stats.seconds = time.monotonic() - start
-        if stats.seconds_to_first_part is None:
-            stats.seconds_to_first_part = round(stats.seconds, 3)
-        done = stats.scored_this_run + stats.failed_this_run
-        rate = done / stats.seconds
-        log.info("wrote %s: %d rows; %d/%d files this run, %.1f images/s", uri, table.num_rows, done, len(todo), rate)
-        run.log({"files_done": done, "failures": stats.failed_this_run, "images_per_second": rate})
-    if stats.scored_this_run + stats.failed_this_run != len(todo):
+    dataset = _pipeline(plan.todo_dataset(), model_uri, image_size, config, output, stats.run_id)
+    with Progress(plan.todo, plan.already, run, config.score.progress_seconds) as progress:
+        for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for rows, failures in zip(table.column("rows").to_pylist(), table.column("failures").to_pylist()):
+                progress.add(rows, failures)
+                if stats.seconds_to_first_part is None:
+                    stats.seconds_to_first_part = time.monotonic() - start
+    stats.seconds = time.monotonic() - start
+    stats.parts_written = progress.parts
+    stats.failed_this_run = progress.failures
+    stats.scored_this_run = progress.done - progress.failures
+    stats.steady_images_per_second = progress.steady_rate()
+    if progress.done != plan.todo:
         raise DataError(
-            f"{output}: the pipeline returned {stats.scored_this_run + stats.failed_this_run} rows for {len(todo)} "
-            "files; run the job again to score the rest"
+            f"{output}: the pipeline returned {progress.done} rows for {plan.todo} files; run the job again to score the rest"
         )
 
 

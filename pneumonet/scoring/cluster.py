@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+from collections.abc import Iterator
+
+from pneumonet import errors
+
+# How a Pneumonet error raised inside a Ray task reads in the driver's exception text.
+_REMOTE_ERROR = re.compile(r"^pneumonet\.errors\.(\w+): (.+)$", re.MULTILINE)
 
 # The environment of every Ray process of the online endpoint, set where Ray starts (the
 # RayService's containers; `pneumonet serve` for its local Ray). tests/test_k8s.py holds the
@@ -39,3 +47,20 @@ def init_ray() -> None:
         ray.init(ignore_reinit_error=True, log_to_driver=True)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, ignore_reinit_error=True, log_to_driver=True)
+
+
+@contextlib.contextmanager
+def remote_errors() -> Iterator[None]:
+    """Re-raise a Pneumonet error that a Ray Data task raised (a manifest with blank rows, an output
+    of another model) as itself, so the doors report it like one raised on the driver; Ray wraps
+    it in ``UserCodeException`` and keeps only its text."""
+    import ray
+
+    try:
+        yield
+    except ray.exceptions.RayError as exc:
+        found = _REMOTE_ERROR.search(str(exc))
+        kind = getattr(errors, found.group(1), None) if found else None
+        if isinstance(kind, type) and issubclass(kind, errors.PneumonetError):
+            raise kind(found.group(2)) from exc
+        raise

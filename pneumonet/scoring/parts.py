@@ -1,8 +1,11 @@
 """The output of a batch-scoring job: Parquet parts in one folder or prefix, written so a job can resume.
 
-Each part is ``part-<run id>-<sequence>.parquet``; the run id (UTC time + random suffix) keeps the
-names of a resumed run apart from the earlier ones. A part becomes visible whole or not at all:
-:func:`pneumonet.storage.write_bytes` writes a local file under a hidden temporary name and
+Parts are written by the Ray workers (:func:`write_batch`, the last stage of the pipeline), never
+by the driver. Each is ``part-<run id>-<digest>.parquet``: the run id (UTC time + random suffix)
+keeps a resumed run's names apart from the earlier ones, and the digest of the part's URIs makes
+the name a function of its content, so a task that Ray retries (its worker died after the write)
+overwrites its own part instead of adding a second copy. A part becomes visible whole or not at
+all: :func:`pneumonet.storage.write_bytes` writes a local file under a hidden temporary name and
 renames it, and an S3 object appears only when its single PUT (or multipart upload) completes. So
 the set of URIs in the visible parts is exactly what is done, and a resumed job scores the rest.
 One job writes to one output at a time.
@@ -10,12 +13,14 @@ One job writes to one output at a time.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import re
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -44,13 +49,10 @@ def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-def part_name(run_id: str, sequence: int) -> str:
-    return f"part-{run_id}-{sequence:05d}.parquet"
-
-
-def absolute(uri: str) -> str:
-    """Local paths made absolute (as :func:`pneumonet.storage.list_files` returns them); s3:// as is."""
-    return uri.rstrip("/") if storage.is_s3(uri) else str(Path(uri).expanduser().absolute())
+def part_name(run_id: str, uris: pa.ChunkedArray | pa.Array) -> str:
+    """The name of the part of ``run_id`` holding ``uris``: the same URIs, the same name."""
+    digest = hashlib.blake2b("\n".join(uris.to_pylist()).encode(), digest_size=8).hexdigest()
+    return f"part-{run_id}-{digest}.parquet"
 
 
 def write_part(output: str, name: str, table: pa.Table) -> str:
@@ -68,53 +70,64 @@ def list_parts(output: str) -> list[str]:
         return []
     if not storage.is_dir(output):
         raise StorageError(f"{output}: the output must be a folder or prefix, but it is a file")
-    prefix = absolute(output) + "/"
-    return [
-        entry.uri
-        for entry in storage.list_files(output)
-        if PART_PATTERN.match(PurePosixPath(entry.uri).name) and "/" not in entry.uri[len(prefix) :]
-    ]
+    return [entry.uri for entry in storage.list_files(output, recursive=False)
+            if PART_PATTERN.match(PurePosixPath(entry.uri).name)]  # fmt: skip
 
 
-def read_parts(output: str, columns: list[str]) -> list[pa.Table]:
-    """The given columns of every finished part, one table per part."""
-    tables = []
-    for uri in list_parts(output):
-        try:
-            tables.append(pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns))
-        except (pa.ArrowInvalid, KeyError) as exc:
-            raise DataError(
-                f"{uri} is not a readable scoring part ({exc}); parts are written atomically, so it was "
-                "changed by something else: remove it and run again to rescore its images"
-            ) from None
-    return tables
+def read_part(uri: str, columns: list[str]) -> pa.Table:
+    """The given columns of one finished part, typed as :data:`SCHEMA` says."""
+    try:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns)
+        return table.cast(pa.schema([SCHEMA.field(name) for name in columns]))
+    except (pa.ArrowInvalid, KeyError) as exc:
+        raise DataError(
+            f"{uri} is not a readable scoring part ({exc}); parts are written atomically, so it was "
+            "changed by something else: remove it and run again to rescore its images"
+        ) from None
 
 
 def remove_stale_temporaries(output: str) -> None:
     """Delete the hidden temporary files a killed local job left behind (S3 has none)."""
     if storage.is_s3(output):
         return
-    folder = Path(absolute(output))
+    folder = Path(storage.absolute(output))
     for tmp in folder.glob(".part-*.parquet.*") if folder.is_dir() else ():
         log.info("removing %s, left by an interrupted job", tmp)
         tmp.unlink(missing_ok=True)
 
 
-def scored_uris(output: str, model: str) -> pa.Array:
-    """The distinct URIs already in ``output`` (Arrow: compact for millions); refuses an output that
-    holds another model's scores."""
-    uris = []
-    for table in read_parts(output, ["uri", "model"]):
-        others = set(table.column("model").unique().to_pylist()) - {model}
+def read_batch(batch: pa.Table, columns: list[str], model: str | None) -> pa.Table:
+    """Ray Data map: ``part`` rows → the parts' rows (``columns``); with ``model``, refuses a part
+    that holds another model's scores."""
+    tables = [read_part(uri, columns) for uri in batch.column("part").to_pylist()]
+    table = pa.concat_tables([SCHEMA.empty_table().select(columns), *tables])
+    if model is not None:
+        others = set(pc.unique(table.column("model")).to_pylist()) - {model}
         if others:
+            output = batch.column("part")[0].as_py().rsplit("/", 1)[0]
             raise DataError(
                 f"{output} already holds scores of model {min(others)}, not {model}: "
                 "write to a new output (or delete the old one) rather than mixing models"
             )
-        uris.append(table.column("uri"))
-    return pc.unique(pa.chunked_array(uris, pa.string()))
+    return table
 
 
-def not_in(uris: pa.Array, done: pa.Array) -> pa.Array:
-    """The URIs of ``uris`` that are not in ``done``, in order."""
-    return uris.filter(pc.invert(pc.is_in(uris, value_set=done)))
+def parts_dataset(output: str, columns: list[str], model: str | None = None) -> Any:
+    """A lazy Ray Dataset of the rows of every finished part (``columns`` of them), read by the
+    workers; None when there is no part yet. The driver holds the part names only."""
+    import ray
+
+    uris = list_parts(output)
+    if not uris:
+        return None
+    items = ray.data.from_items([{"part": uri} for uri in uris], override_num_blocks=min(len(uris), 256))
+    return items.map_batches(read_batch, batch_format="pyarrow", fn_kwargs={"columns": columns, "model": model})
+
+
+def write_batch(batch: pa.Table, output: str, run_id: str) -> pa.Table:
+    """Ray Data map, the pipeline's last stage: write scored rows as one part; returns one row of
+    counts (``part``, ``rows``, ``failures``), all that reaches the driver."""
+    name = part_name(run_id, batch.column("uri"))
+    write_part(output, name, batch)
+    failures = batch.num_rows - batch.column("error").null_count
+    return pa.table({"part": [name], "rows": [batch.num_rows], "failures": [failures]})

@@ -3,6 +3,11 @@
 It is computed from the output's parts (all runs, so a resumed job reports the whole output) and
 written next to them as ``_summary.json`` and ``_histogram.png``; the leading underscore keeps
 both out of ``pandas.read_parquet(output)`` and pyarrow dataset discovery.
+
+The workers reduce each batch of rows to a partial (counts, a histogram of :data:`FINE_BINS`
+bins, a few error messages) and the driver adds the partials up as they stream in, so the
+summary of ten million rows holds no row on the driver. Quantiles come from the fine histogram:
+within one bin width (1/:data:`FINE_BINS` = 5e-5) of the exact ones.
 """
 
 from __future__ import annotations
@@ -18,42 +23,81 @@ import pyarrow.compute as pc
 from matplotlib.figure import Figure
 
 from pneumonet import storage
-from pneumonet.scoring.parts import SCHEMA, read_parts
+from pneumonet.scoring.parts import parts_dataset
 
 SUMMARY_FILE = "_summary.json"
 HISTOGRAM_FILE = "_histogram.png"
 BINS = 20
+FINE_BINS = BINS * 1000
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+EXAMPLES = 20
+COLUMNS = ["probability", "prediction", "error"]
 
 
-def summarize_output(output: str, inputs: pa.Array) -> dict[str, Any]:
-    """Counts and the probability distribution over every row in ``output``'s parts, and how many
-    of ``inputs`` have no row (``missing``) or several (``duplicate_rows``); both must be 0.
-
-    Arrow compute throughout, so a summary of millions of rows needs no Python object per row.
-    """
-    columns = ["uri", "probability", "prediction", "error"]
-    table = pa.concat_tables([SCHEMA.empty_table().select(columns), *read_parts(output, columns)])
-    uris = pc.unique(table.column("uri"))
-    found = pc.sum(pc.is_in(inputs, value_set=uris)).as_py() or 0
-    errors = table.column("error")
-    probs = table.column("probability").drop_null().to_numpy().astype(np.float64)
-    predictions = pc.value_counts(table.column("prediction").drop_null()).to_pylist()
-    counts, edges = np.histogram(probs, bins=BINS, range=(0.0, 1.0))
-    return {
-        "files": table.num_rows,
-        "missing": len(inputs) - found,
-        "duplicate_rows": table.num_rows - len(uris),
-        "scored": int(probs.size),
-        "failures": table.num_rows - errors.null_count,
-        "predictions": {item["values"]: item["counts"] for item in sorted(predictions, key=lambda i: i["values"])},
-        "probability": {
-            "mean": float(probs.mean()) if probs.size else None,
-            "quantiles": {f"p{round(q * 100):02d}": float(np.quantile(probs, q)) if probs.size else None for q in QUANTILES},
-            "histogram": {"edges": [round(float(e), 4) for e in edges], "counts": counts.tolist()},
-        },
-        "failure_examples": errors.drop_null().slice(0, 20).to_pylist(),
+def partial_stats(batch: pa.Table) -> pa.Table:
+    """Ray Data map: a batch of rows → one row holding its partial summary (JSON)."""
+    probs = batch.column("probability").drop_null().to_numpy().astype(np.float64)
+    bins = np.clip((probs * FINE_BINS).astype(np.int64), 0, FINE_BINS - 1)
+    errors = batch.column("error").drop_null()
+    predictions = pc.value_counts(batch.column("prediction").drop_null()).to_pylist()
+    partial = {
+        "files": batch.num_rows,
+        "failures": len(errors),
+        "sum": float(probs.sum()),
+        "histogram": np.bincount(bins, minlength=FINE_BINS).tolist(),
+        "predictions": {item["values"]: item["counts"] for item in predictions},
+        "failure_examples": errors.slice(0, EXAMPLES).to_pylist(),
     }
+    return pa.table({"partial": [json.dumps(partial)]})
+
+
+def _quantile(cumulative: np.ndarray, q: float) -> float:
+    """``numpy.quantile``'s linear estimate, with each value placed inside its fine bin."""
+    n = int(cumulative[-1])
+
+    def value(rank: int) -> float:
+        index = int(np.searchsorted(cumulative, rank, side="right"))
+        before = cumulative[index - 1] if index else 0
+        inside = cumulative[index] - before
+        return (index + (rank - before + 0.5) / inside) / FINE_BINS
+
+    h = (n - 1) * q
+    low, high = int(np.floor(h)), int(np.ceil(h))
+    return value(low) + (h - low) * (value(high) - value(low))
+
+
+def summarize_output(output: str) -> dict[str, Any]:
+    """Counts and the probability distribution over every row of ``output``'s parts (all runs)."""
+    totals = {"files": 0, "failures": 0, "sum": 0.0}
+    histogram = np.zeros(FINE_BINS, np.int64)
+    predictions: dict[str, int] = {}
+    examples: list[str] = []
+    dataset = parts_dataset(output, COLUMNS)
+    batches = () if dataset is None else dataset.map_batches(partial_stats, batch_format="pyarrow").iter_batches(batch_size=None, batch_format="pyarrow")
+    for table in batches:
+        for text in table.column("partial").to_pylist():
+            partial = json.loads(text)
+            for key in totals:
+                totals[key] += partial[key]
+            histogram += np.asarray(partial["histogram"], np.int64)
+            for name, count in partial["predictions"].items():
+                predictions[name] = predictions.get(name, 0) + count
+            examples += partial["failure_examples"][: EXAMPLES - len(examples)]
+    scored = int(histogram.sum())
+    cumulative = np.cumsum(histogram)
+    return {
+        "files": totals["files"],
+        "scored": scored,
+        "failures": totals["failures"],
+        "predictions": dict(sorted(predictions.items())),
+        "probability": {
+            "mean": totals["sum"] / scored if scored else None,
+            "quantiles": {f"p{round(q * 100):02d}": _quantile(cumulative, q) if scored else None for q in QUANTILES},
+            "histogram": {"edges": [round(float(e), 4) for e in np.linspace(0.0, 1.0, BINS + 1)],
+                          "counts": histogram.reshape(BINS, -1).sum(axis=1).tolist()},
+        },
+        "failure_examples": examples,
+    }  # fmt: skip
 
 
 def histogram_png(summary: dict[str, Any], threshold: float, title: str) -> bytes:
