@@ -1,7 +1,7 @@
 """Batch-scoring throughput and memory (prints figures; not a test).
 
     python benchmarks/bench_scoring.py [--variant custom transfer] [--n 768] [--batch-size 32]
-    python benchmarks/bench_scoring.py --memory [--memory-n 1000 10000]
+    python benchmarks/bench_scoring.py --scale [--scale-n 10000 100000 1000000] [--scale-source tiny|real]
 
 Throughput, per variant, in this process on this machine, same batch size:
 
@@ -20,9 +20,17 @@ when it is absent; ``--upscale 1536`` scores temporary full-resolution-like JPEG
 where decoding is a real share of the work. Models are untrained (``transfer``: ResNet152V2,
 weights none): same speed.
 
-Memory: peak resident memory (this process, and this process plus every Ray process) while scoring
-each ``--memory-n`` images; with streaming it must not grow with the archive. Beyond the real
-images' count the archive is symbolic links to them, so 10,000 distinct URIs cost no disk.
+Scale (``--scale``): for archives of each ``--scale-n`` files, built as hard links (so they cost
+no disk and every URI is distinct) to a pool of ``--scale-pool`` images in a folder tree of 1,000
+files a folder (a PACS export's shape): ``tiny`` generated 48-pixel JPEGs (cheap to decode, so the
+bookkeeping shows) or ``real`` images from ``../shared/data/chest-xray-224``. Scored with an
+untrained ``custom`` model at ``--scale-image-size`` pixels, it prints per size: peak resident memory
+of the driver (this process) and of the driver plus every Ray process (shared object-store pages
+count once per process that maps them, so this overstates), the listing time (the input Dataset
+counted alone), the planning time of the job (listing + anti-join), images/s in steady state (from
+the first part's landing to the last's), the first run's wall time, and the re-run of the finished
+job (everything found done) as a share of it. Targets: the driver's peak grows by at most 100 MiB
+from 10^4 to 10^6 files; the re-run takes under 5 % of the first run.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -94,6 +103,34 @@ def make_artifact(variant: str, image_size: int, work: Path) -> str:
     config = load_config(None, [f"model.image_size={image_size}", "model.weights=none"])
     meta = build_metadata(variant=variant, config=config, threshold=0.5, val_metrics={}, manifest_digest=None)
     return save_artifact(build_model(variant, config.model, seed=0), meta, str(work / f"model-{variant}-{image_size}"))
+
+
+def scale_archive(n: int, pool: list[Path], work: Path) -> Path:
+    """``n`` hard links to the ``pool`` images, 1,000 to a folder; no list of them is kept."""
+    root = work / f"archive-{n}"
+    for i in range(n):
+        folder = root / f"d{i // 1000:05d}"
+        if i % 1000 == 0:
+            folder.mkdir(parents=True)
+        source = pool[i % len(pool)]
+        os.link(source, folder / f"{i:08d}{source.suffix}")
+    return root
+
+
+def scale_pool(source: str, size: int, work: Path) -> list[Path]:
+    """The images the archive links to (copied into ``work``, as links cannot cross file systems):
+    ``size`` generated JPEGs, or as many real ones."""
+    folder = work / "pool"
+    folder.mkdir()
+    if source == "real":
+        if not REAL.is_dir():
+            raise SystemExit(f"{REAL} not found: use --scale-source tiny")
+        return [Path(shutil.copy(p, folder)) for p in sorted(REAL.rglob("*.jpeg"))[:size]]
+    rng = np.random.default_rng(0)
+    pool = [folder / f"{i:04d}.jpeg" for i in range(size)]
+    for path in pool:
+        Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(path, quality=90)
+    return pool
 
 
 def manifest(files: list[Path], path: Path) -> str:
@@ -298,19 +335,53 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
     return results
 
 
-def memory(args: argparse.Namespace, work: Path) -> dict:
+def scale(args: argparse.Namespace, work: Path) -> dict:
+    from pneumonet.config import load_config
+    from pneumonet.scoring.batch import score_archive
+    from pneumonet.scoring.inputs import input_dataset
+
     # The model is built in a child process, so that this process (the driver) holds no TensorFlow,
     # as in a real scoring job.
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        model = pool.submit(make_artifact, "custom", args.memory_image_size, work).result()
+        model = pool.submit(make_artifact, "custom", args.scale_image_size, work).result()
+    images = scale_pool(args.scale_source, args.scale_pool, work)
+    config = load_config(None, ["tracking.mode=disabled", f"score.batch_size={args.batch_size}",
+                                f"score.rows_per_file={args.scale_rows_per_file}"])  # fmt: skip
+    logging.getLogger("pneumonet.scoring").setLevel(logging.INFO)  # the job's progress lines
     results = {}
-    for n in args.memory_n:
-        files = image_files(n, work)
-        overall, _, run = pipeline(model, files, work, f"mem-{n}", ["score.batch_size=64"], rows_per_part=1000)
-        results[n] = {"driver_peak_mib": run["driver_peak_mib"], "total_peak_mib": run["total_peak_mib"],
-                      "images_per_second": overall.rate}  # fmt: skip
-        print(f"{n:6d} images: peak RSS driver {run['driver_peak_mib']:6.0f} MiB, driver + Ray processes "
-              f"{run['total_peak_mib']:6.0f} MiB ({overall.rate:.1f} images/s)", flush=True)  # fmt: skip
+    for n in args.scale_n:
+        start = time.perf_counter()
+        root = scale_archive(n, images, work)
+        built = time.perf_counter() - start
+        start = time.perf_counter()
+        listed = input_dataset(str(root)).count()
+        listing = time.perf_counter() - start
+        assert listed == n, (listed, n)
+        output = work / f"scores-{n}"
+        with TreeMonitor() as first:
+            start = time.perf_counter()
+            run = score_archive(model, str(root), str(output), config)["run"]
+            first_seconds = time.perf_counter() - start
+        with TreeMonitor() as again:
+            start = time.perf_counter()
+            rerun = score_archive(model, str(root), str(output), config)["run"]
+            rerun_seconds = time.perf_counter() - start
+        assert rerun["already_scored"] == n and rerun["parts_written"] == 0
+        results[n] = {
+            "archive_build_seconds": built, "listing_seconds": listing, "planning_seconds": run["planning_seconds"],
+            "first_run_seconds": first_seconds, "pipeline_seconds": run["seconds"], "check_seconds": run["check_seconds"],
+            "steady_images_per_second": run["steady_images_per_second"], "overall_images_per_second": n / first_seconds,
+            "driver_peak_mib": first.driver_peak / 2**20, "total_peak_mib": first.total_peak / 2**20,
+            "rerun_seconds": rerun_seconds, "rerun_share": rerun_seconds / first_seconds,
+            "rerun_driver_peak_mib": again.driver_peak / 2**20, "load_average": os.getloadavg()[0],
+        }  # fmt: skip
+        r = results[n]
+        print(f"{n:>9,} files: driver peak {r['driver_peak_mib']:5.0f} MiB, driver + Ray {r['total_peak_mib']:6.0f} MiB; "
+              f"listing {listing:5.1f} s, planning {r['planning_seconds']:5.1f} s; steady {r['steady_images_per_second'] or 0:6.0f} "
+              f"images/s; first run {first_seconds:6.0f} s; re-run {rerun_seconds:5.1f} s ({100 * r['rerun_share']:.1f} %); "
+              f"load {r['load_average']:.1f}", flush=True)  # fmt: skip
+        shutil.rmtree(output)
+        shutil.rmtree(root)
     return results
 
 
@@ -322,12 +393,15 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--upscale", type=int, help="score JPEG copies of the images at this many pixels a side")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--memory", action="store_true", help="measure peak memory instead of throughput")
-    parser.add_argument("--memory-n", type=int, nargs="+", default=[1000, 10000])
-    parser.add_argument("--memory-image-size", type=int, default=224)
+    parser.add_argument("--scale", action="store_true", help="measure memory, listing and resume at archive scale")
+    parser.add_argument("--scale-n", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--scale-source", choices=["tiny", "real"], default="tiny")
+    parser.add_argument("--scale-pool", type=int, default=300, help="distinct images the archive links to")
+    parser.add_argument("--scale-image-size", type=int, default=32)
+    parser.add_argument("--scale-rows-per-file", type=int, default=2000, help="rows per part (several parts time the steady state)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     import ray
 
@@ -336,7 +410,7 @@ def main() -> None:
         print(f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f} at start (shared machine: figures are noisy)")
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         try:
-            results = memory(args, work) if args.memory else throughput(args, work)
+            results = scale(args, work) if args.scale else throughput(args, work)
         finally:
             ray.shutdown()
         print(f"load average {os.getloadavg()[0]:.1f} at end")

@@ -151,7 +151,7 @@ class ScoreConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     workers: int = Field(1, ge=1, description="Inference actors.")
     gpus_per_worker: float = Field(0.0, ge=0.0)
-    rows_per_file: int = Field(10_000, ge=1, description="Rows per output Parquet part.")
+    rows_per_file: int = Field(10_000, ge=1, description="Rows per output Parquet part, at most (rounded down to whole batches).")
     progress_seconds: float = Field(30.0, gt=0, description="Seconds between progress lines (job log and W&B).")
 
 

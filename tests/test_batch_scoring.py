@@ -279,6 +279,7 @@ def run_and_kill_at(command: list[str], env: dict[str, str], output: Path, rows:
         proc.stderr.close()
 
 
+@pytest.mark.slow  # ~3 min on 2 busy cores: three job starts, each loading TensorFlow in its actor
 def test_job_killed_twice_half_way_then_finished_scores_each_file_once(
     tmp_path_factory: pytest.TempPathFactory, model_uri: str, ray_address: str, tmp_path: Path
 ) -> None:
@@ -309,3 +310,44 @@ def test_job_killed_twice_half_way_then_finished_scores_each_file_once(
     runs = {Path(uri).name.rsplit("-", 1)[0] for uri in parts.list_parts(str(output))}
     assert len(runs) == 3
     assert not list(output.glob(".*"))
+
+
+def test_listing_by_sub_prefix_finds_every_visible_file_once(ray_address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pneumonet.scoring import inputs
+
+    names = ["top.png", "a/1.png", "a/b/2.png", "a/b/c/d/e/3.png", "f/4.dcm", "g/h/5", ".hidden/6.png", "a/.7.png",
+             "out/part-x.parquet", *(f"wide/{i:03d}/x.jpg" for i in range(70))]  # fmt: skip
+    write_files(tmp_path, dict.fromkeys(names, b"x"))
+    want = sorted(str(tmp_path / n) for n in names if not n.startswith((".", "out/")) and "/." not in n)
+    for depth in (1, 4):  # shallow walk (deep recursive units) and a walk that stops at 64 sub-prefixes
+        monkeypatch.setattr(inputs, "MAX_DEPTH", depth)
+        units = inputs.listing_units(str(tmp_path))
+        assert len(units) == len(set(units)) and (str(tmp_path), False) in units
+        listed = inputs.input_dataset(str(tmp_path), exclude_prefix=str(tmp_path / "out")).to_pandas()["uri"]
+        assert sorted(listed) == want
+    assert len(units) > inputs.LISTING_UNITS and (str(tmp_path / "wide" / "000"), True) in units
+
+
+def test_progress_reports_counts_rate_failures_and_eta_at_an_interval(caplog: pytest.LogCaptureFixture) -> None:
+    from pneumonet.scoring.progress import Progress
+
+    class Run:
+        def __init__(self) -> None:
+            self.logged: list[dict] = []
+
+        def log(self, values: dict) -> None:
+            self.logged.append(dict(values))
+
+    run = Run()
+    caplog.set_level("INFO", logger="pneumonet.scoring.progress")
+    with Progress(total=1000, already=50, run=run, interval=0.1) as progress:
+        progress.add(200, 3)
+        time.sleep(0.35)
+        progress.add(300, 1)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    assert len(lines) >= 3 and len(run.logged) == len(lines)  # ticks while running, and one at the end
+    assert lines[0].startswith("progress: 200/1,000 files this run (20.0%), 50 already done;") and "3 failed; ETA" in lines[0]
+    assert "500/1,000" in lines[-1] and "4 failed" in lines[-1]
+    last = run.logged[-1]
+    assert (last["files_done"], last["files_total"], last["failures"], last["parts"]) == (500, 1000, 4, 2)
+    assert last["images_per_second"] > 0 and last["eta_seconds"] == pytest.approx(500 / last["images_per_second_recent"])

@@ -60,9 +60,10 @@ log = logging.getLogger(__name__)
 # Model batches per input block. A block is the unit of streaming (and of a retry), so blocks stay
 # small; the driver holds no per-block state beyond the blocks in flight.
 BATCHES_PER_BLOCK = 2
-# CPUs reserved per part-writing task: it encodes a few thousand small rows, so it must not wait
-# for a whole CPU while decode tasks and model actors hold them all.
-WRITE_CPUS = 0.25
+# CPUs reserved per part-writing task: none. It encodes a few thousand small rows; with any CPU
+# request it waits until decode tasks and model actors free theirs, which on a busy cluster is
+# the end of the job (measured: every part landed after the last image was scored).
+WRITE_CPUS = 0
 # Files read concurrently inside one decode task (S3 latency); decoding itself stays on the
 # task's one CPU so Ray's CPU accounting holds.
 READ_THREADS = 8
@@ -211,9 +212,12 @@ def _pipeline(todo: Any, model_uri: str, image_size: int, config: Config, output
         compute=ray.data.ActorPoolStrategy(size=score.workers),
         num_gpus=score.gpus_per_worker or None,
     )
+    # Whole model batches per part: a writer task takes whole blocks, so a part size that is not a
+    # multiple of the block would leave a small remainder part behind every full one.
+    rows_per_part = score.rows_per_file // score.batch_size * score.batch_size or score.rows_per_file
     return dataset.map_batches(
         parts.write_batch,
-        batch_size=score.rows_per_file,
+        batch_size=rows_per_part,
         batch_format="pyarrow",
         fn_kwargs={"output": output, "run_id": run_id},
         num_cpus=WRITE_CPUS,
