@@ -153,6 +153,9 @@ class ScoreConfig(_Strict):
     gpus_per_worker: float = Field(0.0, ge=0.0)
     rows_per_file: int = Field(10_000, ge=1, description="Rows per output Parquet part, at most (rounded down to whole batches).")
     progress_seconds: float = Field(30.0, gt=0, description="Seconds between progress lines (job log and W&B).")
+    wave_files: int = Field(
+        1_000_000, ge=1, description="Files per pipeline execution (Ray Data keeps stats of every block of one on the driver)."
+    )
 
 
 class ServeConfig(_Strict):

@@ -16,7 +16,8 @@ Why this shape: listing on the driver costs ~2 MiB per 1,000 files (20 GiB at te
 than a head pod has), and so does a Python set of done URIs; a hash-shuffle join spreads both over
 the cluster and its result stays in the object store. Rows reaching the driver cost as much again,
 so the parts are written where the rows are. Pixels live in Ray's object store between decode and
-model, under Ray Data's backpressure.
+model, under Ray Data's backpressure. The one per-block cost left on the driver, Ray Data's stats
+of every block of an execution, is bounded by scoring in waves of ``score.wave_files`` files.
 
 Exactly once: a part is visible whole or not at all, each run scores only URIs that no part holds,
 and a part's name is a digest of its URIs, so a task retried by Ray rewrites its own part instead
@@ -290,15 +291,16 @@ def _log_plan(plan: Plan, input_uri: str, output: str, model_id: str, stats: Run
 def _run_pipeline(
     plan: Plan, model_uri: str, image_size: int, config: Config, output: str, stats: RunStats, run: Any
 ) -> None:
-    """Score ``plan``'s to-do URIs; the driver sees one row of counts per part written."""
+    """Score ``plan``'s to-do URIs, wave by wave; the driver sees one row of counts per part written."""
     start = time.monotonic()
-    dataset = _pipeline(plan.todo_dataset(), model_uri, image_size, config, output, stats.run_id)
     with Progress(plan.todo, plan.already, run, config.score.progress_seconds) as progress:
-        for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for rows, failures in zip(table.column("rows").to_pylist(), table.column("failures").to_pylist()):
-                progress.add(rows, failures)
-                if stats.seconds_to_first_part is None:
-                    stats.seconds_to_first_part = time.monotonic() - start
+        for todo in plan.todo_waves(config.score.wave_files):
+            dataset = _pipeline(todo, model_uri, image_size, config, output, stats.run_id)
+            for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for rows, failures in zip(table.column("rows").to_pylist(), table.column("failures").to_pylist()):
+                    progress.add(rows, failures)
+                    if stats.seconds_to_first_part is None:
+                        stats.seconds_to_first_part = time.monotonic() - start
     stats.seconds = time.monotonic() - start
     stats.parts_written = progress.parts
     stats.failed_this_run = progress.failures

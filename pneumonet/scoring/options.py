@@ -27,7 +27,8 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input",
         required=True,
-        help="folder or s3:// prefix (walked recursively), or a .parquet/.csv manifest with a 'uri' column",
+        help="folder or s3:// prefix (walked recursively, listed in parallel by sub-prefix), or a .parquet/.csv "
+        "manifest with a 'uri' column (for millions of files in one flat prefix)",
     )
     parser.add_argument(
         "--output", required=True, help="folder or s3:// prefix for the Parquet parts; re-running resumes"

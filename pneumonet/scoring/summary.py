@@ -73,8 +73,8 @@ def summarize_output(output: str) -> dict[str, Any]:
     predictions: dict[str, int] = {}
     examples: list[str] = []
     dataset = parts_dataset(output, COLUMNS)
-    batches = () if dataset is None else dataset.map_batches(partial_stats, batch_format="pyarrow").iter_batches(batch_size=None, batch_format="pyarrow")
-    for table in batches:
+    partials = dataset.map_batches(partial_stats, batch_format="pyarrow") if dataset is not None else None
+    for table in partials.iter_batches(batch_size=None, batch_format="pyarrow") if partials is not None else ():
         for text in table.column("partial").to_pylist():
             partial = json.loads(text)
             for key in totals:
