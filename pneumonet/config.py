@@ -154,7 +154,7 @@ class ScoreConfig(_Strict):
     rows_per_file: int = Field(10_000, ge=1, description="Rows per output Parquet part, at most (rounded down to whole batches).")
     progress_seconds: float = Field(30.0, gt=0, description="Seconds between progress lines (job log and W&B).")
     wave_files: int = Field(
-        1_000_000, ge=1, description="Files per pipeline execution (Ray Data keeps stats of every block of one on the driver)."
+        500_000, ge=1, description="Files per pipeline execution (Ray Data keeps stats of every block of one on the driver)."
     )
 
 

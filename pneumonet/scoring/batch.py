@@ -192,12 +192,16 @@ def _tracking(config: Config, output: str, run_id: str, settings: dict[str, Any]
         yield run
 
 
-def _pipeline(todo: Any, model_uri: str, image_size: int, config: Config, output: str, run_id: str) -> Any:
-    """The lazy Ray Dataset that scores ``todo`` (``uri`` rows) into parts: one row of counts per part."""
+def _pipeline(todo: Any, files: int, model_uri: str, image_size: int, config: Config, output: str, run_id: str) -> Any:
+    """The lazy Ray Dataset that scores ``todo`` (about ``files`` ``uri`` rows) into parts: one row of
+    counts per part."""
     import ray
 
     score = config.score
-    dataset = todo.repartition(target_num_rows_per_block=score.batch_size * BATCHES_PER_BLOCK)
+    # Small blocks by splitting (URIs only: ~100 bytes each), done before decoding starts. Not the
+    # streaming repartition: its task waits on backpressure holding a CPU, and with the decode task
+    # and the model actor wanting one each, a 2-CPU node stopped scoring at 10^6 files.
+    dataset = todo.repartition(max(1, -(-files // (score.batch_size * BATCHES_PER_BLOCK))))
     dataset = dataset.map_batches(
         decode_batch,
         batch_size=score.batch_size,
@@ -294,8 +298,9 @@ def _run_pipeline(
     """Score ``plan``'s to-do URIs, wave by wave; the driver sees one row of counts per part written."""
     start = time.monotonic()
     with Progress(plan.todo, plan.already, run, config.score.progress_seconds) as progress:
-        for todo in plan.todo_waves(config.score.wave_files):
-            dataset = _pipeline(todo, model_uri, image_size, config, output, stats.run_id)
+        waves = plan.todo_waves(config.score.wave_files)
+        for todo in waves:
+            dataset = _pipeline(todo, -(-plan.todo // len(waves)), model_uri, image_size, config, output, stats.run_id)
             for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for rows, failures in zip(table.column("rows").to_pylist(), table.column("failures").to_pylist()):
                     progress.add(rows, failures)
