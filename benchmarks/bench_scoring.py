@@ -408,6 +408,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pneumonet-bench-") as tmp:
         work = Path(tmp)
         print(f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f} at start (shared machine: figures are noisy)")
+        from pneumonet.scoring.cluster import INLINE_RESULT_BYTES, INLINE_RESULT_ENV
+
+        os.environ.setdefault(INLINE_RESULT_ENV, str(INLINE_RESULT_BYTES))  # as a scoring job's Ray has it
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         try:
             results = scale(args, work) if args.scale else throughput(args, work)

@@ -299,8 +299,11 @@ def _run_pipeline(
     start = time.monotonic()
     with Progress(plan.todo, plan.already, run, config.score.progress_seconds) as progress:
         waves = plan.todo_waves(config.score.wave_files)
-        for todo in waves:
-            dataset = _pipeline(todo, -(-plan.todo // len(waves)), model_uri, image_size, config, output, stats.run_id)
+        per_wave = -(-plan.todo // len(waves))
+        for number, todo in enumerate(waves, 1):
+            if len(waves) > 1:
+                log.info("wave %d of %d (about %d files each)", number, len(waves), per_wave)
+            dataset = _pipeline(todo, per_wave, model_uri, image_size, config, output, stats.run_id)
             for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for rows, failures in zip(table.column("rows").to_pylist(), table.column("failures").to_pylist()):
                     progress.add(rows, failures)
