@@ -266,21 +266,21 @@ def rows_in_parts(output: Path) -> int:
 
 
 def run_and_kill_at(command: list[str], env: dict[str, str], output: Path, rows: int) -> None:
-    """Start the job, SIGKILL its process group once ``rows`` rows are in parts (bounded in time)."""
+    """Start the job, SIGKILL its process group once ``rows`` rows are in parts (within 300 s)."""
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300  # a job start loads TensorFlow in its actor: minutes on a busy machine
         while rows_in_parts(output) < rows and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         assert proc.poll() is None, f"the job ended before it could be killed:\n{proc.stderr.read().decode()[-3000:]}"
-        assert rows_in_parts(output) >= rows, f"fewer than {rows} rows in parts within 180 s"
+        assert rows_in_parts(output) >= rows, f"fewer than {rows} rows in parts within 300 s"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         proc.stderr.close()
 
 
-@pytest.mark.slow  # ~3 min on 2 busy cores: three job starts, each loading TensorFlow in its actor
+@pytest.mark.slow  # 3-10 min on 2 busy cores: three job starts, each loading TensorFlow in its actor
 def test_job_killed_twice_half_way_then_finished_scores_each_file_once(
     tmp_path_factory: pytest.TempPathFactory, model_uri: str, ray_address: str, tmp_path: Path
 ) -> None:
