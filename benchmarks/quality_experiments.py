@@ -36,7 +36,7 @@ from sklearn.metrics import roc_auc_score
 from pneumonet.config import Config, ThresholdConfig, load_config
 from pneumonet.data.catalog import scan
 from pneumonet.data.pipeline import load_image_set
-from pneumonet.evaluation.metrics import choose_threshold
+from pneumonet.evaluation.metrics import bootstrap_ci, choose_threshold
 from pneumonet.training.loop import predict_probabilities
 from pneumonet.training.variants import prepare_data, train_stage
 
@@ -65,19 +65,6 @@ SITE_SENSITIVITY = 0.95
 
 def auc(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(roc_auc_score(labels, probs))
-
-
-def patient_bootstrap_auc(labels: np.ndarray, probs: np.ndarray, patients: np.ndarray, n: int = 1000) -> list[float]:
-    """95% interval of ROC-AUC when whole patients are resampled (images of one child are not independent)."""
-    rng = np.random.default_rng(0)
-    unique, index = np.unique(patients, return_inverse=True)
-    members = [np.flatnonzero(index == i) for i in range(len(unique))]
-    values = []
-    for _ in range(n):
-        rows = np.concatenate([members[i] for i in rng.integers(0, len(unique), len(unique))])
-        if 0 < labels[rows].sum() < len(rows):
-            values.append(auc(labels[rows], probs[rows]))
-    return [float(v) for v in np.percentile(values, [2.5, 97.5])]
 
 
 def rates(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
@@ -113,7 +100,7 @@ def judge(val: tuple[np.ndarray, np.ndarray], site: tuple[np.ndarray, np.ndarray
         "val_auc": auc(val_labels, val_probs),
         "val_threshold": threshold,
         "site_auc": auc(labels, probs),
-        "site_auc_ci": patient_bootstrap_auc(labels, probs, patients),
+        "site_auc_ci": bootstrap_ci(labels, probs, threshold, 1000, 0, groups=patients)["roc_auc"],
         "site_at_val_threshold": rates(labels, probs, threshold),
         "site_calibrated": site_calibrated(labels, probs, patients),
     }

@@ -122,38 +122,42 @@ def platt_scale(probs: np.ndarray, a: float, b: float) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-(a * logits + b)))).astype(np.float32)
 
 
+def _absolute(uri: str) -> str:
+    return str(uri) if storage.is_s3(str(uri)) else str(Path(uri).expanduser().absolute())
+
+
+def _write(uri: str, model_bytes: bytes, meta: dict[str, Any]) -> None:
+    """``pneumonet.json`` removed first and written last, so an interrupted write is never loadable."""
+    storage.delete(storage.join(uri, META_FILE))
+    storage.write_bytes(storage.join(uri, MODEL_FILE), model_bytes)
+    storage.write_text(storage.join(uri, META_FILE), json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
 def save_artifact(model: keras.Model, meta: dict[str, Any], uri: str) -> str:
     """Write ``model`` and ``meta`` (plus ``version`` and, if absent, ``name``) to a folder or prefix.
 
     Returns the artifact URI (an absolute path when local).
     """
-    uri = str(uri) if storage.is_s3(str(uri)) else str(Path(uri).expanduser().absolute())
+    uri = _absolute(uri)
     meta = dict(meta)
     with tempfile.TemporaryDirectory(prefix="pneumonet-artifact-") as tmp:
         model_path = Path(tmp) / MODEL_FILE
         model.save(model_path)
         meta["version"] = _digest(model_path)
         meta.setdefault("name", f"pneumonet-{meta.get('variant', model.name)}-{meta['version']}")
-        text = json.dumps(meta, indent=2, sort_keys=True)
-        storage.delete(storage.join(uri, META_FILE))
-        storage.write_bytes(storage.join(uri, MODEL_FILE), model_path.read_bytes())
-    storage.write_text(storage.join(uri, META_FILE), text + "\n")
+        _write(uri, model_path.read_bytes(), meta)
     return uri
 
 
 def derive_artifact(artifact: Artifact, meta: dict[str, Any], uri: str) -> str:
     """A new artifact at ``uri`` with the very same ``model.keras`` bytes (so the same version) and ``meta``.
 
-    Used by calibration: the weights do not change, only what is known about them. ``pneumonet.json``
-    is written last, as in :func:`save_artifact`. Returns the artifact URI.
+    Used by calibration: the weights do not change, only what is known about them. Returns the URI.
     """
-    uri = str(uri) if storage.is_s3(str(uri)) else str(Path(uri).expanduser().absolute())
-    if uri.rstrip("/") == str(artifact.uri).rstrip("/"):
+    uri = _absolute(uri)
+    if uri.rstrip("/") == _absolute(artifact.uri).rstrip("/"):
         raise ArtifactError(f"refusing to overwrite the source artifact {uri}: write the derived one elsewhere")
-    meta = {**meta, "version": artifact.version}
-    storage.delete(storage.join(uri, META_FILE))
-    storage.write_bytes(storage.join(uri, MODEL_FILE), storage.read_bytes(storage.join(artifact.uri, MODEL_FILE)))
-    storage.write_text(storage.join(uri, META_FILE), json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    _write(uri, storage.read_bytes(storage.join(artifact.uri, MODEL_FILE)), {**meta, "version": artifact.version})
     return uri
 
 
