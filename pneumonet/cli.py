@@ -13,6 +13,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from pneumonet import __version__
+from pneumonet.commandline import OVERRIDES_HELP, add_overrides, examples, parse, verbose_parent
 from pneumonet.scoring.options import (
     SCORE_DESCRIPTION,
     SCORE_HELP,
@@ -65,11 +67,23 @@ def cmd_train(args: argparse.Namespace) -> None:
     print_summaries(train_from_args(args))
 
 
+def _decode_settings(args: argparse.Namespace):
+    """The ``data`` section a command on a trained model decodes with: ``--config`` when given, else the
+    model's own config, with the overrides on top; None (the command's default) when neither is given."""
+    if not args.config and not args.overrides:
+        return None
+    from pneumonet.artifact_meta import read_metadata
+    from pneumonet.config import load_config
+
+    base = None if args.config else read_metadata(args.model).get("config")
+    return load_config(args.config, args.overrides, base=base).data
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from pneumonet.evaluation.metrics import headline
     from pneumonet.evaluation.run import evaluate_artifact
 
-    metrics = evaluate_artifact(args.model, args.data, args.split, args.out)
+    metrics = evaluate_artifact(args.model, args.data, args.split, args.out, _decode_settings(args))
     source = metrics["threshold_source"]
     print(f"n {metrics['n']}  {headline(metrics)}  (threshold {metrics['threshold']:.3f}, the {source} one) → {args.out}")
 
@@ -98,9 +112,12 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from pneumonet.errors import ConfigError
     from pneumonet.scoring.predict import predict_files
 
-    results = predict_files(args.model, args.images)
+    if not args.images:
+        raise ConfigError("predict: no IMAGE given (only KEY=VALUE overrides)")
+    results = predict_files(args.model, args.images, data=_decode_settings(args))
     if args.json:
         _print_json(results)
     else:
@@ -133,15 +150,26 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"demo report: {report}")
 
 
+def _command(commands, name: str, help: str, *example_lines: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand that accepts ``-v`` and shows examples under its ``--help``."""
+    return commands.add_parser(name, help=help, description=kwargs.pop("description", help), parents=[verbose_parent()],
+                               epilog=examples(*example_lines), formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pneumonet", description="Pneumonia detection on chest X-rays.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    parser = argparse.ArgumentParser(
+        prog="pneumonet", description="Pneumonia detection on chest X-rays.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples("pneumonet demo", "pneumonet train --data DATA --out runs/ --epochs 5",
+                        "pneumonet COMMAND --help     (every command has its own examples)"),
+    )  # fmt: skip
+    parser.add_argument("-v", "--verbose", action="store_true", help="show every library's log lines, debug logging, tracebacks")
+    parser.add_argument("--version", action="version", version=f"pneumonet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = commands.add_parser("data", help="explore or synthesize datasets").add_subparsers(
-        dest="data_command", required=True, metavar="SUBCOMMAND"
-    )
-    summary = data.add_parser("summary", help="counts per split, class, subtype and patients")
+    data = _command(commands, "data", "explore or synthesize datasets", "pneumonet data summary DATA",
+                    "pneumonet data synth synthetic/ --n 400").add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")  # fmt: skip
+    summary = _command(data, "summary", "counts per split, class, subtype and patients",
+                       "pneumonet data summary ../shared/data/chest-xray-224 --plot classes.png --grid samples.png")  # fmt: skip
     summary.add_argument("data", help="dataset root (folder or s3://bucket/prefix)")
     summary.add_argument("--json", action="store_true", help="machine-readable output")
     summary.add_argument("--plot", help="write a class-distribution PNG here")
@@ -149,27 +177,38 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--seed", type=int, default=0, help="which samples the grid shows")
     summary.set_defaults(func=cmd_data_summary)
 
-    synth = data.add_parser("synth", help="write a synthetic chest-X-ray-like dataset in the Kaggle layout")
+    synth = _command(data, "synth", "write a synthetic chest-X-ray-like dataset in the Kaggle layout",
+                     "pneumonet data synth synthetic/ --n 400 --size 64")  # fmt: skip
     synth.add_argument("out", help="output folder")
     synth.add_argument("--n", type=int, default=200, help="training images")
     synth.add_argument("--size", type=int, default=128, help="image side in pixels")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_data_synth)
 
-    train = commands.add_parser("train", help="train one variant or all three (Ray Train, local Ray unless RAY_ADDRESS)")
+    train = _command(
+        commands, "train", "train one variant or all three (Ray Train, local Ray unless RAY_ADDRESS)",
+        "pneumonet train --data ../shared/data/chest-xray-224 --out runs/ --variant custom --epochs 5",
+        "pneumonet train --config configs/real-custom.yaml --data DATA --out runs/ train.batch_size=16",
+        "pneumonet train --out runs/ --resume            (continue the latest run under runs/)",
+    )  # fmt: skip
     add_train_arguments(train)
     train.set_defaults(func=cmd_train)
 
-    evaluate = commands.add_parser("evaluate", help="metrics and plots of a model artifact on a dataset split")
+    evaluate = _command(commands, "evaluate", "metrics and plots of a model artifact on a dataset split",
+                        "pneumonet evaluate --model runs/custom --data ../shared/data/site-sample --out eval/",
+                        "pneumonet evaluate --model runs/custom --data DATA --split val --out eval/ data.max_image_pixels=100000000")  # fmt: skip
     evaluate.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")
     evaluate.add_argument("--data", required=True, help="dataset root")
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
     evaluate.add_argument("--out", required=True, help="where metrics.json and the PNGs go")
+    add_overrides(evaluate, "data.decode_workers=2 (the data section decodes; default: the model's config)")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    calibrate = commands.add_parser(
-        "calibrate", help="choose the decision threshold on a site's labelled sample; writes a new artifact"
-    )
+    calibrate = _command(
+        commands, "calibrate", "choose the decision threshold on a site's labelled sample; writes a new artifact",
+        "pneumonet calibrate --model runs/custom --data ../shared/data/site-sample --out runs/custom-site",
+        "pneumonet calibrate --model runs/custom --data SAMPLE --out OUT --policy youden --recalibrate platt",
+    )  # fmt: skip
     calibrate.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")
     calibrate.add_argument("--data", required=True, help="the site's labelled sample: test/{NORMAL,PNEUMONIA}/ or flat")
     calibrate.add_argument("--split", default="test", choices=("train", "test"), help="the sample's split folder")
@@ -182,23 +221,33 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also refit the probabilities to the site (Platt scaling); decisions keep their order")  # fmt: skip
     calibrate.set_defaults(func=cmd_calibrate)
 
-    predict = commands.add_parser("predict", help="score a few image files")
+    predict = _command(commands, "predict", "score a few image files",
+                       "pneumonet predict --model pneumonet-demo/models/custom chest1.jpeg chest2.dcm",
+                       "pneumonet predict --model runs/custom --json big.png data.max_image_pixels=200000000")  # fmt: skip
     predict.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")
-    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or s3:// URIs")
+    predict.add_argument("images", nargs="+", metavar="IMAGE",
+                         help="image files or s3:// URIs; KEY=VALUE config overrides may stand among them")  # fmt: skip
     predict.add_argument("--json", action="store_true", help="machine-readable output")
-    predict.set_defaults(func=cmd_predict)
+    predict.add_argument("--config", help="YAML config file whose data section decodes (default: the model's config)")
+    predict.set_defaults(func=cmd_predict, overrides=[])
 
-    score = commands.add_parser("score", help=SCORE_HELP, description=SCORE_DESCRIPTION)
+    score = _command(commands, "score", SCORE_HELP,
+                     "pneumonet score --model runs/custom --input ../shared/data/site-sample --output scores/",
+                     "pneumonet score --model s3://B/models/custom/latest --input manifest.parquet --output s3://B/scores score.batch_size=32",
+                     description=SCORE_DESCRIPTION)  # fmt: skip
     add_score_arguments(score)
     score.set_defaults(func=cmd_score)
 
-    serve = commands.add_parser("serve", help=SERVE_HELP)
+    serve = _command(commands, "serve", SERVE_HELP, "pneumonet serve --model pneumonet-demo/models/custom --port 8000",
+                     "pneumonet serve --model runs/custom serve.max_batch_size=32")  # fmt: skip
     add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 
-    demo = commands.add_parser("demo", help="synthesize data, train all three variants briefly, write a report")
+    demo = _command(commands, "demo", "synthesize data, train all three variants briefly, write a report",
+                    "pneumonet demo", "pneumonet demo --out /tmp/demo train.epochs=4")  # fmt: skip
     demo.add_argument("--out", default="pneumonet-demo", help="output folder (default: ./pneumonet-demo)")
-    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides on top of configs/demo")
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                      help=f"config overrides on top of pneumonet/configs/demo.yaml ({OVERRIDES_HELP})")  # fmt: skip
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -214,7 +263,8 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parse(parser, argv, positional="images")
     _configure_logging(args.verbose)
     from pneumonet.errors import PneumonetError
 

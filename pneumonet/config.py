@@ -6,6 +6,7 @@ errors that name the key, so a typo in a ConfigMap fails at submit time, not aft
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -142,7 +143,7 @@ class TrackingConfig(_Strict):
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     project: str = "pneumonet"
     entity: str | None = None
-    dir: str | None = Field(None, description="Where offline runs are written (default: the output folder).")
+    dir: str | None = Field(None, description="Where offline runs are written (default: WANDB_DIR, else the output folder).")
 
 
 class ScoreConfig(_Strict):
@@ -221,9 +222,12 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (or the defaults) and apply ``dotted.key=value`` overrides on top."""
-    tree: dict[str, Any] = {}
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict[str, Any] | None = None
+) -> Config:
+    """Read a YAML config (else ``base``, e.g. the config a model was trained with, else the defaults)
+    and apply ``dotted.key=value`` overrides on top."""
+    tree: dict[str, Any] = copy.deepcopy(base) if base is not None else {}
     if path is not None:
         path = Path(path)
         try:

@@ -3,7 +3,7 @@
 Mode (``tracking.mode``):
 
 - ``auto`` (default): ``WANDB_MODE`` when it is set, else ``online`` when ``WANDB_API_KEY`` is set,
-  else ``offline`` (no account needed; runs land under ``tracking.dir`` or ``<output>/wandb``, to be
+  else ``offline`` (no account needed; runs land under ``tracking.dir``, ``WANDB_DIR`` or ``<output>/wandb``, to be
   uploaded later with ``wandb sync``);
 - ``online`` / ``offline`` / ``disabled``: as said. ``WANDB_MODE=disabled`` turns tracking off whatever
   the config says.
@@ -108,13 +108,16 @@ def preflight(config: Config | TrackingConfig) -> str:
 
 
 def run_dir(config: Config | TrackingConfig, out: str | None) -> str | None:
-    """Where runs are written locally: ``tracking.dir``, else ``<out>/wandb`` for a local ``out``, else wandb's default."""
+    """Where runs are written locally: ``tracking.dir``, else the user's ``WANDB_DIR``, else ``<out>/wandb``
+    for a local ``out``, else wandb's default (its current folder)."""
     tracking = _tracking_config(config)
     if tracking.dir:
         return tracking.dir
+    if os.environ.get("WANDB_DIR"):
+        return os.environ["WANDB_DIR"]
     if out and not storage.is_s3(out):
         return str(Path(out).expanduser().absolute() / "wandb")
-    return os.environ.get("WANDB_DIR")
+    return None
 
 
 class TrackingRun:

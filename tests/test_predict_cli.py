@@ -69,6 +69,14 @@ def test_predict_json_and_exit_code(model_uri: str, images: tuple[Path, Path]) -
     assert ok.returncode == 0 and "p(PNEUMONIA)=" in ok.stdout
 
 
+def test_predict_takes_config_overrides_among_the_images(model_uri: str, images: tuple[Path, Path]) -> None:
+    good, _ = images  # 50 x 40 = 2,000 pixels
+    refused = cli("predict", "--model", model_uri, "data.max_image_pixels=1000", str(good), "--json")
+    assert refused.returncode == 1 and "data.max_image_pixels" in json.loads(refused.stdout)[0]["error"]
+    allowed = cli("predict", "--model", model_uri, str(good), "data.max_image_pixels=2000")
+    assert allowed.returncode == 0 and "p(PNEUMONIA)=" in allowed.stdout
+
+
 def test_score_help_and_job_help_share_their_options() -> None:
     texts = []
     for command in ([sys.executable, "-m", "pneumonet.cli", "score", "--help"],
@@ -81,7 +89,8 @@ def test_score_help_and_job_help_share_their_options() -> None:
 
     def options(text: str) -> str:  # the usage line is wrapped after the program name, which differs
         usage, _, rest = text.partition("positional arguments:")
-        return " ".join(usage[usage.index("--model") :].split()) + rest
+        rest = rest.partition("examples:")[0]  # pneumonet's help adds examples of its own
+        return " ".join(usage[usage.index("--model") :].split()) + " ".join(rest.split())
 
     assert options(texts[0]) == options(texts[1])
 

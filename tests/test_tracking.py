@@ -143,3 +143,13 @@ def test_offline_run_holds_epochs_final_metrics_and_lineage(wandb_env, tmp_path)
     model = by_type["model"]
     assert model["name"] == "pneumonet-custom" and {"abc123", "r1", "latest"} <= set(model["aliases"])
     assert model["metadata"]["uri"] == model_uri and model["metadata"]["dataset_artifact"].startswith("pneumonet-dataset:")
+
+
+def test_wandb_dir_of_the_user_wins_over_the_output_folder(wandb_env, tmp_path):
+    from pneumonet.tracking import run_dir
+
+    config = load_config(None, [])
+    assert run_dir(config, str(tmp_path / "out")) == str(tmp_path / "out" / "wandb")
+    wandb_env.setenv("WANDB_DIR", str(tmp_path / "mine"))
+    assert run_dir(config, str(tmp_path / "out")) == str(tmp_path / "mine")
+    assert run_dir(load_config(None, [f"tracking.dir={tmp_path / 'cfg'}"]), str(tmp_path / "out")) == str(tmp_path / "cfg")

@@ -15,7 +15,7 @@ import pandas as pd
 
 from pneumonet import storage
 from pneumonet.artifact import Artifact, load_artifact
-from pneumonet.config import Config
+from pneumonet.config import Config, DataConfig
 from pneumonet.data.catalog import manifest_digest, scan, usable
 from pneumonet.data.pipeline import ImageSet, limit_per_class, load_image_set
 from pneumonet.data.split import assign_validation
@@ -53,11 +53,12 @@ def split_rows(artifact: Artifact, data_root: str, split: str) -> pd.DataFrame:
     return rows
 
 
-def decode_split(artifact: Artifact, data_root: str, split: str) -> ImageSet:
-    """Decoded images of one split at the artifact's input size (unreadable files listed in ``failures``)."""
-    config = Config.model_validate(artifact.meta["config"])
+def decode_split(artifact: Artifact, data_root: str, split: str, data: DataConfig | None = None) -> ImageSet:
+    """Decoded images of one split at the artifact's input size (unreadable files listed in ``failures``);
+    ``data``: the decode settings (default: those the artifact was trained with)."""
+    data = data or Config.model_validate(artifact.meta["config"]).data
     rows = split_rows(artifact, data_root, split)
-    return load_image_set(rows, artifact.image_size, config.data, progress=f"decode {split}")
+    return load_image_set(rows, artifact.image_size, data, progress=f"decode {split}")
 
 
 def write_predictions(images: ImageSet, probs, threshold: float, uri: str) -> None:
@@ -71,14 +72,15 @@ def write_predictions(images: ImageSet, probs, threshold: float, uri: str) -> No
     storage.write_text(uri, buffer.getvalue())
 
 
-def evaluate_artifact(model_uri: str, data_root: str, split: str, out: str) -> dict:
+def evaluate_artifact(model_uri: str, data_root: str, split: str, out: str, data: DataConfig | None = None) -> dict:
     """Write ``metrics.json``, the PNGs and ``predictions.csv`` for ``split`` into ``out``.
 
     Metrics are at the operating threshold (the site's when the artifact is calibrated, else the
-    validation one; ``threshold_source`` says which); intervals resample whole patients.
+    validation one; ``threshold_source`` says which); intervals resample whole patients. ``data``:
+    decode settings (default: the artifact's).
     """
     artifact = load_artifact(model_uri)
-    images = decode_split(artifact, data_root, split)
+    images = decode_split(artifact, data_root, split, data)
     probs = artifact.predict_proba(images.images)
     metrics = evaluate_predictions(
         images.labels, probs, artifact.threshold, out,

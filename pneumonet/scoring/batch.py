@@ -45,6 +45,7 @@ import pyarrow as pa
 
 from pneumonet import storage
 from pneumonet.artifact_meta import check_artifact, operating_threshold
+from pneumonet.commandline import parse, verbose_parent
 from pneumonet.config import Config, load_config
 from pneumonet.errors import DataError, PneumonetError
 from pneumonet.scoring import parts
@@ -345,10 +346,11 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """``jobs/batch_score.py``: the same options and error handling as ``pneumonet score``."""
-    parser = argparse.ArgumentParser(prog="batch_score.py", description=SCORE_DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="batch_score.py", description=SCORE_DESCRIPTION, parents=[verbose_parent()])
     add_score_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse(parser, argv)
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         run_from_args(args)
     except PneumonetError as exc:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from pneumonet.commandline import add_overrides
+
 SCORE_HELP = "score an image archive into Parquet with Ray Data (resumable)"
 SCORE_DESCRIPTION = (
     "Score every file of a folder, s3:// prefix or manifest with a model artifact into Parquet parts "
@@ -14,11 +16,6 @@ SCORE_DESCRIPTION = (
     "same --output scores only what is missing."
 )
 SERVE_HELP = "run the online scoring endpoint locally (Ray Serve)"
-
-
-def _add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
-    parser.add_argument("--config", help="YAML config file (pneumonet/config.py is the schema)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"config overrides, e.g. {example}")
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +35,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
         "--gpus-per-worker", type=float, help="GPUs per inference actor (default: score.gpus_per_worker = 0)"
     )
     parser.add_argument("--batch-size", type=int, help="images per model call (default: score.batch_size = 64)")
-    _add_config_arguments(parser, "score.rows_per_file=5000")
+    add_overrides(parser, "score.rows_per_file=5000")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,4 +43,4 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")
     parser.add_argument("--host", help="address to listen on (default: serve.host = 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default: serve.port = 8000)")
-    _add_config_arguments(parser, "serve.max_batch_size=32")
+    add_overrides(parser, "serve.max_batch_size=32")

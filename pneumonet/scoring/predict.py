@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pneumonet.config import DataConfig
 from pneumonet.data.images import load_many
 
 if TYPE_CHECKING:  # pneumonet.artifact imports TensorFlow; `decide` must stay importable without it
@@ -15,12 +16,17 @@ def decide(probability: float, threshold: float) -> str:
     return "PNEUMONIA" if probability >= threshold else "NORMAL"
 
 
-def predict_files(model_uri: str, uris: list[str], artifact: Artifact | None = None) -> list[dict]:
-    """One result per input, in order: probability and prediction, or the reason it could not be scored."""
+def predict_files(model_uri: str, uris: list[str], artifact: Artifact | None = None, data: DataConfig | None = None) -> list[dict]:
+    """One result per input, in order: probability and prediction, or the reason it could not be scored.
+
+    ``data``: decode settings (limits, threads; default: the defaults of ``DataConfig``).
+    """
     from pneumonet.artifact import load_artifact
 
     artifact = artifact or load_artifact(model_uri)
-    loaded = load_many(uris, artifact.image_size)
+    data = data or DataConfig()
+    loaded = load_many(uris, artifact.image_size, workers=data.decode_workers, max_pixels=data.max_image_pixels,
+                       max_bytes=data.max_image_bytes)  # fmt: skip
     probs = artifact.predict_proba(loaded.images) if len(loaded.ok) else []
     by_index = dict(zip(loaded.ok, probs, strict=True))
     results = []

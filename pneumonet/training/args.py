@@ -12,18 +12,22 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from pneumonet.commandline import add_overrides, parse
+
 VARIANT_CHOICES = ("custom", "transfer", "finetune", "all")
 _FLAG_KEYS = (
     ("workers", "distributed.workers"),
     ("cpus_per_worker", "distributed.cpus_per_worker"),
     ("gpus_per_worker", "distributed.gpus_per_worker"),
     ("storage", "distributed.storage"),
+    ("epochs", "train.epochs"),
+    ("batch_size", "train.batch_size"),
+    ("seed", "seed"),
 )
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The training options: config + overrides, data, variant, outputs, Ray resources, resume."""
-    parser.add_argument("--config", help="YAML config file (schema: pneumonet/config.py)")
     parser.add_argument("--variant", choices=VARIANT_CHOICES, default="all",
                         help="what to train; all = custom, transfer, then finetune from that transfer model")  # fmt: skip
     parser.add_argument("--data", help="dataset root, a folder or s3:// prefix in the Kaggle layout (default: data.root)")
@@ -36,7 +40,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--run-id", help="name of the run (default: UTC start time + random suffix); with --resume, the run to continue")
     parser.add_argument("--resume", action="store_true",
                         help="continue a stopped run (--run-id, default: the latest under the storage) from its last checkpoints")  # fmt: skip
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=3")
+    parser.add_argument("--epochs", type=int, help="epochs of custom and transfer (train.epochs; finetune: train.finetune_epochs)")
+    parser.add_argument("--batch-size", type=int, help="images per step and worker (train.batch_size)")
+    parser.add_argument("--seed", type=int, help="seed of the split, the initial weights and the augmentation (seed)")
+    add_overrides(parser, "train.learning_rate=5e-4")
     return parser
 
 
@@ -80,7 +87,7 @@ def run_job(argv: Sequence[str] | None = None, prog: str = "train", description:
     """A complete training command: parse, log, train, print; a user error is one line and exit code 1."""
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
-    args = add_train_arguments(parser).parse_args(argv)
+    args = parse(add_train_arguments(parser), argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")  # fmt: skip
     for noisy in ("absl", "tensorflow", "h5py", "matplotlib", "PIL", "urllib3", "botocore", "filelock"):
