@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumonet.explain import gradcam, overlay_png
+from pneumonet.explain import gradcam, image_png, overlay_png
 
 S = 64
 
@@ -153,3 +153,13 @@ def test_overlay_png() -> None:
     assert (pixels[:, S // 2 :, 2] - pixels[:, S // 2 :, 0]).mean() > 30
     with pytest.raises(ValueError, match=r"\(S, S\) map"):
         overlay_png(img, heat[:10])
+
+
+def test_image_png_is_the_model_input_as_it_is() -> None:
+    """The model's view the web page shows for a file the browser cannot display (DICOM)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 24, 1), dtype=np.uint8)
+    decoded = np.asarray(Image.open(io.BytesIO(image_png(pixels))))
+    assert decoded.shape == (24, 24) and np.array_equal(decoded, pixels[..., 0])
+    for bad in (pixels[..., 0], pixels.astype(np.float32)):
+        with pytest.raises(ValueError, match="uint8"):
+            image_png(bad)

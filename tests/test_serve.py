@@ -239,6 +239,8 @@ def test_gradcam_overlay(endpoint: str) -> None:
     overlay = Image.open(io.BytesIO(base64.b64decode(body["gradcam_png"])))
     assert overlay.format == "PNG" and overlay.size == (SIZE, SIZE) and body["gradcam_size"] == [SIZE, SIZE]
     assert 0.0 <= body["probability"] <= 1.0
+    seen = Image.open(io.BytesIO(base64.b64decode(body["input_png"])))  # what the overlay is drawn on
+    assert seen.mode == "L" and np.array_equal(np.asarray(seen), load_image(png(9), "x.png", SIZE)[..., 0])
 
 
 def test_model_info(endpoint: str, model_uri: str) -> None:
@@ -250,6 +252,39 @@ def test_model_info(endpoint: str, model_uri: str) -> None:
     }  # fmt: skip
     assert "config" not in info and info["serving"]["max_batch_size"] == 8
     assert (info["operating_threshold"], info["threshold_source"], info["site_calibration"]) == (0.5, "validation", None)
+    assert info["threshold_policy"] == load_config().train.threshold.model_dump(mode="json")  # for the page's model card
+
+
+def test_the_page_and_its_files_are_served_unauthenticated_under_a_same_origin_policy(endpoint: str) -> None:
+    page = requests.get(f"{endpoint}/secure/", timeout=TIMEOUT)  # the page holds no data: no token needed
+    assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy and "form-action 'none'" in policy
+    assert '<script src="static/app.js"' in page.text and 'href="static/app.css"' in page.text
+    for name, media in (("app.js", "text/javascript"), ("app.css", "text/css")):
+        asset = requests.get(f"{endpoint}/secure/static/{name}", timeout=TIMEOUT)
+        assert asset.status_code == 200 and asset.headers["content-type"].startswith(media), name
+        assert asset.headers["x-content-type-options"] == "nosniff"
+    moved = requests.get(f"{endpoint}/secure", timeout=TIMEOUT, allow_redirects=False)  # relative URLs need the slash
+    assert moved.status_code == 308 and moved.headers["location"] == "/secure/"
+    for name in ("nothing.js", "..%2Fpneumonet.json", "%2E%2E%2F__init__.py"):
+        missing = requests.get(f"{endpoint}/static/{name}", timeout=TIMEOUT)
+        assert missing.status_code == 404 and "error" in missing.json(), name
+
+
+def test_the_page_fetches_nothing_from_elsewhere() -> None:
+    """Hospital networks are air-gapped: every URL in the shipped files is relative, data: or a fragment."""
+    import re
+    from importlib.resources import files
+
+    from pneumonet import web
+
+    for name in web.ASSETS:
+        text = files("pneumonet.web").joinpath("static", name).read_text()
+        assert not re.search(r"(https?:)?//[a-z0-9]", text, re.IGNORECASE), name
+        assert "localStorage" not in text and "sessionStorage" not in text and "document.cookie" not in text, name
+        for url in re.findall(r'(?:src|href)="([^"]*)"', text):
+            assert url.startswith(("static/", "data:", "#")), (name, url)
 
 
 def test_multipart_parser() -> None:

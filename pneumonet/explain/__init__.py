@@ -1,5 +1,5 @@
 """Explanations of single predictions (Grad-CAM heat maps) for clinicians and the serving API."""
 
-from pneumonet.explain.gradcam import gradcam, overlay_png
+from pneumonet.explain.gradcam import gradcam, image_png, overlay_png
 
-__all__ = ["gradcam", "overlay_png"]
+__all__ = ["gradcam", "image_png", "overlay_png"]

@@ -129,6 +129,17 @@ def gradcam(model: keras.Model, image: np.ndarray, layer_name: str | None = None
     return np.clip(upsampled.numpy()[0, :, :, 0], 0.0, 1.0).astype(np.float32)
 
 
+def image_png(image: np.ndarray) -> bytes:
+    """PNG bytes of one (S, S, 1) uint8 model input: the image the overlay is drawn on, as the model saw
+    it (what a viewer shows for a file it cannot display itself, such as DICOM)."""
+    gray = np.asarray(image)
+    if gray.ndim != 3 or gray.shape[-1] != 1 or gray.dtype != np.uint8:
+        raise ValueError(f"image_png expects one (S, S, 1) uint8 image, got {gray.dtype} {gray.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(gray[..., 0]).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def overlay_png(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> bytes:
     """PNG bytes of the heat map in the "jet" colour map blended over the grayscale image (RGB, S×S)."""
     gray = np.asarray(image)

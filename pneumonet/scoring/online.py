@@ -4,11 +4,14 @@ One ingress deployment, ``PneumonetModel`` (FastAPI), per replica one model:
 
 - ``POST /v1/predict``: one image, as the raw body (``image/jpeg``, ``image/png``, ``image/bmp``,
   ``image/tiff``, ``application/dicom``, ``application/octet-stream``) or as the multipart field
-  ``file``; ``?explain=gradcam`` adds a Grad-CAM overlay (base64 PNG).
+  ``file``; ``?explain=gradcam`` adds a Grad-CAM overlay (``gradcam_png``, base64 PNG) and the image as
+  the model saw it (``input_png``, what the overlay is drawn on).
 - ``POST /v1/predict/batch``: several images as multipart fields ``files``; one result per image,
   in order. An image that cannot be decoded gets ``{"filename", "error"}`` in its place and the
   others are still scored (200 overall); refusing the whole request is for request-level faults.
 - ``GET /v1/model``: the artifact's metadata. ``GET /healthz``: liveness, never authenticated.
+- ``GET /``: the clinicians' page (:mod:`pneumonet.web`), with its files under ``/static/``; it holds
+  no data and is not authenticated itself: it calls the API above, on the same origin, with the token.
 
 Every refusal is a 4xx or a 503 with ``{"error": "..."}``: 400 malformed request or empty body, 401 bad or
 missing bearer token (when the env var named by ``serve.auth_token_env`` is set), 413 body over
@@ -43,7 +46,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 from ray.serve import Application
@@ -56,6 +59,7 @@ from pneumonet.data.images import load_image
 from pneumonet.errors import ConfigError, ImageDecodeError
 from pneumonet.scoring.admission import Admission
 from pneumonet.scoring.predict import decide
+from pneumonet import web
 from pneumonet.scoring.uploads import (
     MULTIPART,
     RAW_TYPES,
@@ -87,8 +91,9 @@ MAX_QUEUED_REQUESTS = 64
 # A replica whose model call failed this many times in a row reports unhealthy and is replaced.
 MAX_MODEL_FAILURES = 3
 _ACCEPTED = ", ".join(sorted(RAW_TYPES)) + f" or {MULTIPART}"
-_META_KEYS = ("name", "version", "variant", "backbone", "image_size", "threshold", "class_names", "positive_class",
-              "val_metrics", "input", "preprocessing", "manifest_digest", "created_at", "site_calibration")  # fmt: skip
+_META_KEYS = ("name", "version", "variant", "backbone", "image_size", "threshold", "threshold_policy", "class_names",
+              "positive_class", "val_metrics", "input", "preprocessing", "data_root", "manifest_digest", "created_at",
+              "site_calibration")  # fmt: skip
 
 api = FastAPI(title="Pneumonet", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -245,6 +250,23 @@ class PneumonetModel:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
+    @api.get("/")
+    async def page(self, request: Request) -> Response:
+        if not request.url.path.endswith("/"):  # under a route prefix: the page's relative URLs need the slash
+            return RedirectResponse(f"{request.url.path}/", status_code=308)
+        return self._static(web.PAGE)
+
+    @api.get("/static/{name}")
+    async def static(self, name: str) -> Response:
+        return self._static(name)
+
+    def _static(self, name: str) -> Response:
+        found = web.asset(name)
+        if found is None:
+            raise ApiError(404, f"no such file {name[:80]!r}")
+        content, media = found
+        return Response(content, media_type=media, headers=web.HEADERS)
+
     @api.get("/v1/model")
     async def model_info(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
@@ -271,12 +293,13 @@ class PneumonetModel:
         image = await self._decode(upload.data, decoder_source(upload.filename, upload.content_type))
         result = await self._scored(image, deadline)
         if explain == "gradcam":
-            from pneumonet.explain.gradcam import gradcam, overlay_png
+            from pneumonet.explain.gradcam import gradcam, image_png, overlay_png
 
             heatmap = await asyncio.to_thread(gradcam, self._artifact.model, image)
             png = await asyncio.to_thread(overlay_png, image, heatmap)
             result["gradcam_png"] = base64.b64encode(png).decode("ascii")
             result["gradcam_size"] = list(heatmap.shape)
+            result["input_png"] = base64.b64encode(image_png(image)).decode("ascii")
         return self._envelope(started, result)
 
     @api.post("/v1/predict/batch")

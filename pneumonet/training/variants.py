@@ -49,7 +49,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-VAL_METRIC_KEYS = ("n", "accuracy", "roc_auc", "pr_auc", "sensitivity", "specificity", "precision", "f1", "ci95")
+# What pneumonet.json keeps of the validation metrics (the model card of the endpoint's page shows them).
+VAL_METRIC_KEYS = ("n", "n_positive", "n_negative", "accuracy", "roc_auc", "pr_auc", "sensitivity", "specificity",
+                   "precision", "f1", "ci95", "ci95_grouped_by")  # fmt: skip
 
 
 # --- data ----------------------------------------------------------------------------------------
