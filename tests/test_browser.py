@@ -28,8 +28,6 @@ from pneumonet.evaluation.metrics import compute_metrics
 from pneumonet.scoring.cluster import SERVE_ENV
 from pneumonet.training.variants import VAL_METRIC_KEYS
 
-pytestmark = pytest.mark.browser
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 SIZE = 64
@@ -49,6 +47,10 @@ def _skip_reason() -> str | None:
     if not CHROMIUM or not CHROMEDRIVER:
         return "Chromium or chromedriver not found: apt-get install chromium chromium-driver (Debian), as .ci/run does"
     return None
+
+
+SKIP = _skip_reason()
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(SKIP is not None, reason=f"browser tests: {SKIP}")]
 
 
 # --- images -------------------------------------------------------------------------------------------
@@ -124,9 +126,6 @@ def model_uri(tmp_path_factory: pytest.TempPathFactory, images: dict[str, Path])
 
 @pytest.fixture(scope="module")
 def endpoint(model_uri: str) -> Iterator[str]:
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
     import ray
     from ray import serve
 

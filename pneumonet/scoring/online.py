@@ -46,20 +46,20 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException
 
+from pneumonet import web
 from pneumonet.artifact_meta import check_artifact, operating_threshold
 from pneumonet.config import Config, load_config
 from pneumonet.data.images import load_image
 from pneumonet.errors import ConfigError, ImageDecodeError
 from pneumonet.scoring.admission import Admission
 from pneumonet.scoring.predict import decide
-from pneumonet import web
 from pneumonet.scoring.uploads import (
     MULTIPART,
     RAW_TYPES,
@@ -251,9 +251,7 @@ class PneumonetModel:
         return {"status": "ok"}
 
     @api.get("/")
-    async def page(self, request: Request) -> Response:
-        if not request.url.path.endswith("/"):  # under a route prefix: the page's relative URLs need the slash
-            return RedirectResponse(f"{request.url.path}/", status_code=308)
+    async def page(self) -> Response:
         return self._static(web.PAGE)
 
     @api.get("/static/{name}")
