@@ -373,7 +373,7 @@ def serve_locally(model_uri: str, config: Config, host: str | None = None, port:
     serve.start(http_options={"host": host, "port": port})
     try:
         serve.run(build_app(model_uri, config), name=APP_NAME, route_prefix="/")
-        log.info("Pneumonet endpoint on http://%s:%d (POST /v1/predict); Ctrl-C stops it", host, port)
+        log.info("Pneumonet endpoint on http://%s:%d (the page at /, POST /v1/predict); Ctrl-C stops it", host, port)
         while True:
             time.sleep(3600)
     finally:
