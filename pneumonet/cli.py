@@ -22,6 +22,7 @@ from pneumonet.scoring.options import (
     add_score_arguments,
     add_serve_arguments,
 )
+from pneumonet.registry_commands import add_models_parser
 from pneumonet.training.args import add_train_arguments
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -242,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "pneumonet serve --model runs/custom serve.max_batch_size=32")  # fmt: skip
     add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
+
+    add_models_parser(commands)
 
     demo = _command(commands, "demo", "synthesize data, train all three variants briefly, write a report",
                     "pneumonet demo", "pneumonet demo --out /tmp/demo train.epochs=4")  # fmt: skip

@@ -36,3 +36,11 @@ class WeightsError(PneumonetError):
 
 class TrackingError(PneumonetError):
     """Experiment tracking (W&B) is misconfigured, e.g. a bad API key in online mode."""
+
+
+class RegistryError(PneumonetError):
+    """A model version or alias is unknown, or a promotion is refused (see :mod:`pneumonet.registry`)."""
+
+
+class ConflictError(RegistryError):
+    """Another promotion moved the alias at the same time; nothing was changed by this one."""

@@ -9,6 +9,8 @@ Credentials are never put into messages or logs; errors name the URI and the rea
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import re
 import tempfile
@@ -31,6 +33,10 @@ _DENIED = frozenset({"ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_N
                      "MISSING_AUTHENTICATION_TOKEN", "EXPIRED_TOKEN", "UNRECOGNIZED_CLIENT"})  # fmt: skip
 _UNREACHABLE = frozenset({"NETWORK_CONNECTION", "REQUEST_TIMEOUT", "ENDPOINT_RESOLUTION_FAILURE"})
 _MISSING = frozenset({"NO_SUCH_KEY", "RESOURCE_NOT_FOUND"})
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write lost: the object already exists, or changed since it was read."""
 
 
 @dataclass(frozen=True)
@@ -286,3 +292,133 @@ def check_access(uri: str, write: bool = False) -> None:
             delete(probe)
         elif fs.get_file_info(path).type == pafs.FileType.NotFound:
             raise StorageError(f"{uri}: no such file, folder or prefix")
+
+
+# --- conditional writes: what makes a pointer update safe when two writers race ---------------------
+#
+# S3: PutObject with If-None-Match: * (create only) or If-Match: <ETag> (replace only what was read),
+# which S3 has honoured since 2024 (MinIO and moto too); pyarrow cannot send them, so boto3 does.
+# Local folders: create-only is a hard link of a finished temporary file (atomic, fails if the name
+# exists); replace-if-unchanged holds an flock on a lock file beside the target while it compares and
+# renames. Both hold on one machine's filesystem, not across NFS clients.
+
+
+@lru_cache(maxsize=8)
+def _boto_s3(settings: tuple):
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    key, secret, token, region, default_region, _, _ = settings
+    endpoint = s3_endpoint()
+    if endpoint and "://" not in endpoint:
+        endpoint = f"https://{endpoint}"
+    return boto3.client(
+        "s3",
+        region_name=region or default_region or "us-east-1",
+        endpoint_url=endpoint,
+        aws_access_key_id=key or None,
+        aws_secret_access_key=secret or None,
+        aws_session_token=token or None,
+        config=BotoConfig(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"},
+                          s3={"addressing_style": "path" if endpoint else "auto"}),  # fmt: skip
+    )
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    settings = _s3_settings()
+    _check_credentials(settings)
+    bucket, _, key = uri[len(S3_SCHEME) :].partition("/")
+    return bucket, key
+
+
+def _s3_call(uri: str, operation: str, **kwargs):
+    """One boto3 S3 call; a failed precondition is :class:`PreconditionFailed`, anything else a StorageError."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = _bucket_key(uri)
+    try:
+        return getattr(_boto_s3(_s3_settings()), operation)(Bucket=bucket, Key=key, **kwargs)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+            raise PreconditionFailed(f"{uri}: changed by another writer ({code or status})") from None
+        if code == "NoSuchBucket":
+            raise StorageError(f"{uri}: the bucket does not exist") from None
+        if code in ("NoSuchKey", "404") or status == 404:
+            raise FileNotFoundError(uri) from None
+        raise StorageError(f"{uri}: {code or status}: {exc.response.get('Error', {}).get('Message', '')}") from None
+    except BotoCoreError as exc:
+        raise StorageError(f"{uri}: {exc}") from None
+
+
+def _local_tag(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_tagged(uri: str) -> tuple[bytes, str] | None:
+    """A small object and the tag a conditional replace needs (S3: its ETag), or None when it does not exist."""
+    if is_s3(uri):
+        try:
+            response = _s3_call(uri, "get_object")
+        except FileNotFoundError:
+            return None
+        return response["Body"].read(), response["ETag"]
+    path = Path(filesystem(uri)[1])
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _explain(uri, exc) from None
+    return data, _local_tag(data)
+
+
+def _ours(uri: str, data: bytes) -> bool:
+    """After a refused write: is what is there ours (an S3 retry of a request that had succeeded)?"""
+    found = read_tagged(uri)
+    return found is not None and found[0] == data
+
+
+def write_new(uri: str, data: bytes) -> None:
+    """Create ``uri`` with ``data``; :class:`PreconditionFailed` if it exists already (never overwritten)."""
+    if is_s3(uri):
+        try:
+            _s3_call(uri, "put_object", Body=data, IfNoneMatch="*")
+        except PreconditionFailed:
+            if not _ours(uri, data):
+                raise
+        return
+    target = Path(filesystem(uri)[1])
+    with _reported(uri):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, prefix=f".{target.name}.") as tmp:
+            tmp.write(data)
+        try:
+            os.link(tmp.name, target)
+        except FileExistsError:
+            raise PreconditionFailed(f"{uri}: exists already") from None
+        finally:
+            os.unlink(tmp.name)
+
+
+def replace_tagged(uri: str, data: bytes, tag: str | None) -> None:
+    """Write ``uri`` only if it still holds what :func:`read_tagged` returned with ``tag`` (None: only if
+    it does not exist); :class:`PreconditionFailed` otherwise."""
+    if tag is None:
+        write_new(uri, data)
+        return
+    if is_s3(uri):
+        try:
+            _s3_call(uri, "put_object", Body=data, IfMatch=tag)
+        except PreconditionFailed:
+            if not _ours(uri, data):
+                raise
+        return
+    target = Path(filesystem(uri)[1])
+    with _reported(uri), open(target.parent / f".{target.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = read_tagged(uri)
+        if found is None or found[1] != tag:
+            raise PreconditionFailed(f"{uri}: changed by another writer since it was read")
+        write_bytes(uri, data)

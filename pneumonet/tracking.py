@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 CLASS_NAMES = ["NORMAL", "PNEUMONIA"]
+REGISTERED_MODEL = "pneumonet"  # the W&B collection that mirrors the registry's aliases
 _SCALAR_METRICS = ("n", "accuracy", "roc_auc", "pr_auc", "sensitivity", "specificity", "precision", "f1", "brier", "threshold")
 
 
@@ -218,10 +219,10 @@ class TrackingRun:
             self._add(artifact, as_input=True)
         return f"{name}:{digest[:12]}"
 
-    def _model_artifact(self, uri: str, meta: Mapping[str, Any], dataset: str | None):
+    def _model_artifact(self, uri: str, meta: Mapping[str, Any], dataset: str | None, name: str | None = None):
         import wandb
 
-        name = f"pneumonet-{meta.get('variant', 'model')}"
+        name = name or f"pneumonet-{meta.get('variant', 'model')}"
         fields = ("variant", "version", "backbone", "image_size", "threshold", "val_metrics", "manifest_digest", "run_id")
         metadata = {key: meta[key] for key in fields if key in meta} | {"uri": uri}
         if dataset:
@@ -239,6 +240,13 @@ class TrackingRun:
         dataset = self.use_dataset(manifest_uri, str(meta.get("manifest_digest") or "")) if manifest_uri else None
         aliases = ["latest", str(meta["version"])] + ([str(meta["run_id"])] if meta.get("run_id") else [])
         self._run.log_artifact(self._model_artifact(uri, meta, dataset), aliases=aliases)
+
+    def log_alias(self, uri: str, meta: Mapping[str, Any], alias: str) -> None:
+        """Mirror a registry alias: the version (by reference) in the collection :data:`REGISTERED_MODEL`,
+        one for every variant, so W&B moves ``alias`` there as the registry did (a W&B alias names one
+        version of a collection)."""
+        if self._run is not None:
+            self._run.log_artifact(self._model_artifact(uri, meta, None, name=REGISTERED_MODEL), aliases=[alias])
 
     def use_model_artifact(self, uri: str, meta: Mapping[str, Any]) -> None:
         """Record the model a run scores with: used as an input online; its name/version/URI in the config offline."""

@@ -21,10 +21,14 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from pneumonet import storage
-from pneumonet.artifact import META_FILE, Artifact, load_artifact
+from pneumonet.artifact_meta import META_FILE
 from pneumonet.errors import ArtifactError, ConfigError
+
+if TYPE_CHECKING:  # pneumonet.artifact loads TensorFlow; the registry and Serve's app builder import this module
+    from pneumonet.artifact import Artifact
 
 LATEST = "latest"
 RUN_FILE = "run.json"
@@ -116,6 +120,8 @@ def resolve_artifact_uri(uri: str) -> str:
 
 def load_latest_artifact(storage_root: str, variant: str) -> Artifact:
     """The newest finished model of ``variant`` under a storage root."""
+    from pneumonet.artifact import load_artifact
+
     return load_artifact(resolve_artifact_uri(storage.join(storage_root, "models", variant, LATEST)))
 
 
