@@ -192,6 +192,27 @@ def test_every_file_scored_once_errors_recorded_probabilities_exact(archive: Pat
     assert len(pd.read_parquet(output)) == len(inputs)
 
 
+def test_an_alias_in_an_s3_registry_is_resolved_once_and_named_in_every_row(
+    archive: Path, model_uri: str, ray_address: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    from pneumonet.registry import Registry
+    from pneumonet.scoring.batch import describe
+
+    store = f"{s3_bucket}/store"
+    storage.upload_dir(model_uri, f"{store}/models/custom/run-1")
+    Registry(store).promote("custom/run-1", "production", who="test")
+    output = str(tmp_path / "scores")
+
+    summary = score_archive(f"{store}/models/aliases/production", str(archive), output, config())
+
+    label = f"custom/run-1:{load_artifact(model_uri).version}"
+    assert (read_output(output)["model"] == label).all()
+    on_disk = json.loads(Path(output, SUMMARY_FILE).read_text())
+    assert (on_disk["model"], on_disk["model_version"], on_disk["model_alias"]) == (label, "custom/run-1", "production")
+    assert on_disk["model_uri"] == f"{store}/models/custom/run-1"
+    assert describe(summary).splitlines()[0] == f"model {label} (alias production): {store}/models/custom/run-1"
+
+
 def test_s3_prefix_in_s3_prefix_out(model_uri: str, ray_address: str, s3_bucket: str) -> None:
     files = mixed_files(np.random.default_rng(1))
     inputs = sorted(f"{s3_bucket}/archive/{name}" for name in files)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 import socket
 import struct
 import time
@@ -285,6 +286,31 @@ def test_the_page_fetches_nothing_from_elsewhere() -> None:
         assert "localStorage" not in text and "sessionStorage" not in text and "document.cookie" not in text, name
         for url in re.findall(r'(?:src|href)="([^"]*)"', text):
             assert url.startswith(("static/", "data:", "#")), (name, url)
+
+
+def test_an_alias_is_resolved_once_at_start_up_and_reported(endpoint: str, model_uri: str, tmp_path: Path) -> None:
+    from ray import serve
+
+    from pneumonet.registry import Registry
+    from pneumonet.scoring.online import build_app
+
+    store = tmp_path / "store"
+    for run_id in ("run-1", "run-2"):
+        shutil.copytree(model_uri, store / "models" / "custom" / run_id)
+    registry = Registry(str(store))
+    registry.promote("custom/run-1", "production")
+    alias = str(store / "models" / "aliases" / "production")
+    serve.run(build_app(alias, load_config(None, [*MODEL_OVERRIDES, *SERVE_OVERRIDES]), **REPLICA), name="alias", route_prefix="/alias")
+    try:
+        registry.promote("custom/run-2", "production")  # moves the alias, not what the running app loaded
+        info = requests.get(f"{endpoint}/alias/v1/model", timeout=TIMEOUT).json()
+        digest = load_artifact(model_uri).version
+        assert info["registry"] == {"ref": alias, "uri": str(store / "models" / "custom" / "run-1"), "version": "custom/run-1",
+                                    "alias": "production", "digest": digest, "label": f"custom/run-1:{digest}"}  # fmt: skip
+        body = post(f"{endpoint}/alias/v1/predict", data=png(3), headers={"Content-Type": "image/png"}).json()
+        assert body["model"] == {"name": info["name"], "version": digest, "registry_version": "custom/run-1"}
+    finally:
+        serve.delete("alias")
 
 
 def test_multipart_parser() -> None:

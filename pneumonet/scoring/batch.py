@@ -44,10 +44,11 @@ import numpy as np
 import pyarrow as pa
 
 from pneumonet import storage
-from pneumonet.artifact_meta import check_artifact, operating_threshold
+from pneumonet.artifact_meta import operating_threshold
 from pneumonet.commandline import parse, verbose_parent
 from pneumonet.config import Config, load_config
 from pneumonet.errors import DataError, PneumonetError
+from pneumonet.registry import ResolvedModel, resolve_model
 from pneumonet.scoring import parts
 from pneumonet.scoring.cluster import init_ray, remote_errors
 from pneumonet.scoring.inputs import input_dataset, not_image_reason
@@ -122,7 +123,7 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int, max_b
 class Scorer:
     """Ray Data stage 2 (an actor): loads the model once, then scores batches of decoded images."""
 
-    def __init__(self, model_uri: str) -> None:
+    def __init__(self, model_uri: str, model_id: str) -> None:
         import tensorflow as tf
 
         from pneumonet.artifact import load_artifact
@@ -131,7 +132,7 @@ class Scorer:
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
         self.artifact = load_artifact(model_uri)
-        self.model_id = f"{self.artifact.name}:{self.artifact.version}"
+        self.model_id = model_id  # the version the driver resolved (ResolvedModel.label)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = [str(error) for error in batch["error"]]
@@ -193,7 +194,7 @@ def _tracking(config: Config, output: str, run_id: str, settings: dict[str, Any]
         yield run
 
 
-def _pipeline(todo: Any, files: int, model_uri: str, image_size: int, config: Config, output: str, run_id: str) -> Any:
+def _pipeline(todo: Any, files: int, model: ResolvedModel, config: Config, output: str, run_id: str) -> Any:
     """The lazy Ray Dataset that scores ``todo`` (about ``files`` ``uri`` rows) into parts: one row of
     counts per part."""
     import ray
@@ -207,14 +208,14 @@ def _pipeline(todo: Any, files: int, model_uri: str, image_size: int, config: Co
         decode_batch,
         batch_size=score.batch_size,
         batch_format="numpy",
-        fn_kwargs={"size": image_size, "max_pixels": config.data.max_image_pixels, "max_bytes": config.data.max_image_bytes},
+        fn_kwargs={"size": int(model.meta["image_size"]), "max_pixels": config.data.max_image_pixels, "max_bytes": config.data.max_image_bytes},
         memory=DECODE_MEMORY,
     )
     dataset = dataset.map_batches(
         Scorer,
         batch_size=score.batch_size,
         batch_format="numpy",
-        fn_constructor_kwargs={"model_uri": model_uri},
+        fn_constructor_kwargs={"model_uri": model.uri, "model_id": model.label},
         compute=ray.data.ActorPoolStrategy(size=score.workers),
         num_gpus=score.gpus_per_worker or None,
     )
@@ -237,12 +238,16 @@ def _partitions() -> int:
     return max(8, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
-def score_archive(model_uri: str, input_uri: str, output_uri: str, config: Config) -> dict[str, Any]:
-    """Score every file of ``input_uri`` into ``output_uri`` (resuming), write and return the summary."""
+def score_archive(model_ref: str, input_uri: str, output_uri: str, config: Config) -> dict[str, Any]:
+    """Score every file of ``input_uri`` into ``output_uri`` (resuming), write and return the summary.
+
+    ``model_ref`` (an alias, a version, any artifact folder) is resolved once, here, and every actor
+    loads that version, so an alias moved while the job runs does not mix two models in one output.
+    """
     import ray
 
-    meta = check_artifact(model_uri)  # fail fast on the driver (kept free of TensorFlow: it runs on the head)
-    model_id = f"{meta['name']}:{meta['version']}"
+    model = resolve_model(model_ref)  # fail fast on the driver (kept free of TensorFlow: it runs on the head)
+    meta, model_id = model.meta, model.label
     output = storage.absolute(output_uri)
     storage.check_access(output, write=True)
     parts.remove_stale_temporaries(output)
@@ -260,10 +265,10 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, config: Confi
         settings = {"input": input_uri, "output": output, "run_id": stats.run_id, "inputs": plan.inputs,
                     "already_scored": plan.already}  # fmt: skip
         with _tracking(config, output, stats.run_id, settings) as run:
-            run.use_model_artifact(model_uri, meta)
+            run.use_model_artifact(model.uri, meta)
             check = plan
             if plan.todo:
-                _run_pipeline(plan, model_uri, int(meta["image_size"]), config, output, stats, run)
+                _run_pipeline(plan, model, config, output, stats, run)
                 start = time.monotonic()
                 check = reconcile(plan.inputs_dataset(), parts.parts_dataset(output, ["uri"]), _partitions())
                 stats.check_seconds = time.monotonic() - start
@@ -275,7 +280,8 @@ def score_archive(model_uri: str, input_uri: str, output_uri: str, config: Confi
             summary = summarize_output(output)
             threshold, source = operating_threshold(meta)
             summary.update(missing=check.missing, duplicate_rows=check.duplicate_rows, model=model_id,
-                           model_uri=model_uri, input=input_uri, output=output, threshold=threshold,
+                           model_uri=model.uri, model_version=model.version, model_alias=model.alias,
+                           model_ref=model.ref, input=input_uri, output=output, threshold=threshold,
                            threshold_source=source, run=stats.as_dict())  # fmt: skip
             write_summary(output, summary, threshold, f"{model_id} on {input_uri}")
             run.summary({key: value for key, value in summary.items() if key != "failure_examples"})
@@ -293,9 +299,7 @@ def _log_plan(plan: Plan, input_uri: str, output: str, model_id: str, stats: Run
         log.warning("%s holds %d rows of files that are not inputs now; kept, not counted", output, plan.other_rows)
 
 
-def _run_pipeline(
-    plan: Plan, model_uri: str, image_size: int, config: Config, output: str, stats: RunStats, run: Any
-) -> None:
+def _run_pipeline(plan: Plan, model: ResolvedModel, config: Config, output: str, stats: RunStats, run: Any) -> None:
     """Score ``plan``'s to-do URIs, wave by wave; the driver sees one row of counts per part written."""
     start = time.monotonic()
     with Progress(plan.todo, plan.already, run, config.score.progress_seconds) as progress:
@@ -304,7 +308,7 @@ def _run_pipeline(
         for number, todo in enumerate(waves, 1):
             if len(waves) > 1:
                 log.info("wave %d of %d (about %d files each)", number, len(waves), per_wave)
-            dataset = _pipeline(todo, per_wave, model_uri, image_size, config, output, stats.run_id)
+            dataset = _pipeline(todo, per_wave, model, config, output, stats.run_id)
             for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for rows, failures in zip(table.column("rows").to_pylist(), table.column("failures").to_pylist()):
                     progress.add(rows, failures)
@@ -328,7 +332,9 @@ def describe(summary: dict[str, Any]) -> str:
     spread = "  ".join(f"{k} {v:.3f}" for k, v in quantiles.items() if k in ("p05", "p50", "p95") and v is not None)
     predictions = ", ".join(f"{name} {count}" for name, count in summary["predictions"].items()) or "none"
     rate = f", {run['images_per_second']} images/s" if run["images_per_second"] else ""
+    via = f" (alias {summary['model_alias']})" if summary.get("model_alias") else ""
     return (
+        f"model {summary['model']}{via}: {summary['model_uri']}\n"
         f"{summary['files']} files in {summary['output']}: {summary['scored']} scored, {summary['failures']} failed\n"
         f"this run: {run['scored_this_run'] + run['failed_this_run']} files in {run['seconds']} s{rate} "
         f"({run['already_scored']} already scored)\n"

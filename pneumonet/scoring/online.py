@@ -9,7 +9,9 @@ One ingress deployment, ``PneumonetModel`` (FastAPI), per replica one model:
 - ``POST /v1/predict/batch``: several images as multipart fields ``files``; one result per image,
   in order. An image that cannot be decoded gets ``{"filename", "error"}`` in its place and the
   others are still scored (200 overall); refusing the whole request is for request-level faults.
-- ``GET /v1/model``: the artifact's metadata. ``GET /healthz``: liveness, never authenticated.
+- ``GET /v1/model``: the artifact's metadata, and under ``registry`` what the app's ``model`` argument
+  was resolved to at start-up (``ref``, ``uri``, ``version`` = ``<variant>/<run-id>``, ``alias``,
+  ``digest``): every replica loads that one folder. ``GET /healthz``: liveness, never authenticated.
 - ``GET /``: the clinicians' page (:mod:`pneumonet.web`), with its files under ``/static/``; it holds
   no data and is not authenticated itself: it calls the API above, on the same origin, with the token.
 
@@ -54,10 +56,11 @@ from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException
 
 from pneumonet import web
-from pneumonet.artifact_meta import check_artifact, operating_threshold
+from pneumonet.artifact_meta import operating_threshold
 from pneumonet.config import Config, load_config
 from pneumonet.data.images import load_image
 from pneumonet.errors import ConfigError, ImageDecodeError
+from pneumonet.registry import ResolvedModel, resolve_model
 from pneumonet.scoring.admission import Admission
 from pneumonet.scoring.predict import decide
 from pneumonet.scoring.uploads import (
@@ -136,14 +139,14 @@ class _Ticket:
 class PneumonetModel:
     """One replica: the artifact, loaded and warmed up before the replica reports ready."""
 
-    def __init__(self, model_uri: str, config: Config) -> None:
+    def __init__(self, model: ResolvedModel, config: Config) -> None:
         # TensorFlow is imported here, in the replica, not where serve.app is imported (the head).
         from pneumonet.artifact import load_artifact
 
         self._serve = config.serve
         self._max_pixels = config.data.max_image_pixels
         self._max_bytes = config.data.max_image_bytes
-        self._artifact = load_artifact(model_uri)
+        self._artifact = load_artifact(model.uri)
         self._size = self._artifact.image_size
         self._token = token_from_env(self._serve.auth_token_env)
         self._score.set_max_batch_size(self._serve.max_batch_size)
@@ -153,13 +156,14 @@ class PneumonetModel:
         meta = self._artifact.meta
         self._info = {key: meta.get(key) for key in _META_KEYS}
         self._info["operating_threshold"], self._info["threshold_source"] = operating_threshold(meta)
-        self._model = {"name": self._artifact.name, "version": self._artifact.version}
+        self._info["registry"] = model.describe()
+        self._model = {"name": self._artifact.name, "version": self._artifact.version, "registry_version": model.version}
         # Trace the graph now: the first real request must not pay for it, and a model that cannot
         # run fails the replica's start instead of its first request.
         self._artifact.predict_proba(np.zeros((1, self._size, self._size, 1), np.uint8))
         log.info(
-            "serving %s:%s, max batch %d, bearer-token auth %s",
-            self._artifact.name, self._artifact.version, self._serve.max_batch_size,
+            "serving %s (%s), max batch %d, bearer-token auth %s",
+            model.label, model.uri, self._serve.max_batch_size,
             f"on (${self._serve.auth_token_env})" if self._token else "off",
         )  # fmt: skip
 
@@ -336,15 +340,18 @@ class AppArgs(BaseModel):
     overrides: list[str] = []
 
 
-def build_app(model_uri: str, config: Config, **options: Any) -> Application:
-    """The application for one model; ``options`` (tests, benchmarks) and Serve config files may
+def build_app(model: str | ResolvedModel, config: Config, **options: Any) -> Application:
+    """The application for one model, resolved here once (an alias or ``latest`` pointer becomes its
+    version folder, which every replica loads); ``options`` (tests, benchmarks) and Serve config files may
     still override the deployment options. Serve's own 503 (a full proxy queue) carries the same
     Retry-After as the replica's."""
+    if isinstance(model, str):
+        model = resolve_model(model)
     defaults = {
         "max_ongoing_requests": max(MIN_ONGOING_REQUESTS, 2 * config.serve.max_batch_size),
         "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=config.serve.retry_after_s),
     }
-    return PneumonetModel.options(**{**defaults, **options}).bind(model_uri, config)
+    return PneumonetModel.options(**{**defaults, **options}).bind(model, config)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
@@ -356,23 +363,22 @@ def app_builder(args: dict[str, Any]) -> Application:
                           f"at {'.'.join(map(str, exc.errors()[0]['loc']))}") from None  # fmt: skip
     config = load_config(parsed.config, parsed.overrides)
     # Serve builds the app on the head, then starts replicas that load the model: a bad URI must fail
-    # the deploy here, not become replicas that crash and restart forever.
-    check_artifact(parsed.model)
-    return build_app(parsed.model, config)
+    # the deploy here (resolve_model checks the artifact), not become replicas that crash and restart forever.
+    return build_app(resolve_model(parsed.model), config)
 
 
 def serve_locally(model_uri: str, config: Config, host: str | None = None, port: int | None = None) -> None:
     """``pneumonet serve``: a local Ray with the application on host:port, until Ctrl-C."""
     from pneumonet.scoring.cluster import init_ray, set_serve_env
 
-    check_artifact(model_uri)  # a wrong path fails here, not as a replica that never starts
+    model = resolve_model(model_uri)  # a wrong path fails here, not as a replica that never starts
     host = host or config.serve.host
     port = port or config.serve.port
     set_serve_env()  # the local Ray's processes inherit it
     init_ray()
     serve.start(http_options={"host": host, "port": port})
     try:
-        serve.run(build_app(model_uri, config), name=APP_NAME, route_prefix="/")
+        serve.run(build_app(model, config), name=APP_NAME, route_prefix="/")
         log.info("Pneumonet endpoint on http://%s:%d (the page at /, POST /v1/predict); Ctrl-C stops it", host, port)
         while True:
             time.sleep(3600)
