@@ -1,7 +1,7 @@
 r"""Ray job entrypoint: train one Pneumonet variant or all three with Ray Train.
 
     python jobs/train.py --config /etc/pneumonet/config.yaml --variant all \
-        --data s3://BUCKET/data/chest_xray --storage s3://BUCKET/checkpoints \
+        --data s3://BUCKET/data/chest_xray --storage s3://BUCKET --run-id RUN --resume-if-exists \
         --workers 2 --cpus-per-worker 3 [--gpus-per-worker 1] [--resume [--run-id ID]] [key=value ...]
 
 The flags are those of `pneumonet train` (one shared definition); see docs/distributed-training.md.

@@ -5,6 +5,8 @@ The errors come first: they need no Ray. Then one local Ray for the rest of the 
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import os
 import socket
 import subprocess
@@ -23,7 +25,8 @@ from pneumonet.data.catalog import read_manifest
 from pneumonet.data.pipeline import load_image_set
 from pneumonet.errors import StorageError, TrackingError
 from pneumonet.training import distributed
-from pneumonet.training.args import run_job
+from pneumonet.training.args import add_train_arguments, run_job, train_from_args
+from pneumonet.training.checkpoint import WEIGHTS_FILE, _load_arrays
 from pneumonet.training.distributed import TrainingRunError, ensure_ray, run_training
 from pneumonet.training.loop import validation_scores
 from pneumonet.training.runs import load_latest_artifact
@@ -207,3 +210,33 @@ def test_resume_continues_a_stopped_run_from_its_last_checkpoint(ray_cluster, sy
     assert len(artifact.meta["history"]["loss"]) == 2
     names = {path.name for path in (tmp_path / "store" / "runs" / "stopped-run" / "custom").iterdir()}
     assert {"epoch-0002-1", "final-1"} <= names and "epoch-0001-1" not in names
+
+
+@pytest.mark.slow  # two Ray Train runs (~2 min on 2 cores): `pytest -m slow tests/test_distributed.py`
+def test_a_retry_runs_the_same_command_line_and_continues_from_the_saved_weights(ray_cluster, synthetic_root, tmp_path, monkeypatch):
+    """What a RayJob retry does: the same entrypoint again (k8s: --run-id in the manifest + --resume-if-exists)."""
+    store = str(tmp_path / "store")
+    monkeypatch.setenv(CRASH_AT_EPOCH_ENV, "2")  # the first attempt dies in epoch 2, after epoch 1's checkpoint
+    monkeypatch.setenv(CRASH_MARKER_ENV, str(tmp_path / "crashed"))
+    argv = ["--data", str(synthetic_root), "--storage", store, "--variant", "custom", "--run-id", "rayjob-7",
+            "--resume-if-exists", *TINY, "distributed.workers=1", "distributed.max_failures=0",
+            f"tracking.dir={tmp_path / 'wandb'}"]  # fmt: skip
+    parse = add_train_arguments(argparse.ArgumentParser()).parse_args
+
+    with pytest.raises(TrainingRunError):
+        train_from_args(parse(argv))  # attempt 1
+    saved = tmp_path / "store" / "runs" / "rayjob-7" / "custom" / "epoch-0001-0" / WEIGHTS_FILE
+    digest = hashlib.sha256()
+    for array in _load_arrays(saved):
+        digest.update(array.tobytes())
+
+    summary = train_from_args(parse(argv))["custom"]  # attempt 2: the retry
+
+    first = summary["epochs"][0][0]
+    assert first["epoch"] == 2 and first["resumed_from"] == [1]
+    assert first["restored_weights_digest"] == digest.hexdigest()[:16]  # the weights the stopped run saved
+    artifact = load_artifact(f"{store}/models/custom/rayjob-7")
+    assert artifact.meta["run_id"] == "rayjob-7" and artifact.meta["resumed_from"] == [1] and artifact.meta["epochs_run"] == 2
+    assert len(artifact.meta["history"]["loss"]) == 2
+    again = train_from_args(parse(argv))["custom"]  # a third start (e.g. re-applied): nothing left to train
+    assert again["model_uri"] == f"{store}/models/custom/rayjob-7" and "epochs" not in again

@@ -778,10 +778,60 @@ def test_gpu_service_account_is_the_one_the_irsa_role_trusts(environments: dict)
 
 
 @needs_kubectl
-def test_gpu_run_storage_is_what_the_bucket_lifecycle_expires(builds: dict) -> None:
+def test_gpu_checkpoints_are_what_the_bucket_lifecycle_expires_and_models_are_not(builds: dict) -> None:
     _, flags, _ = entrypoint(workload(builds, "gpu", "RayJob", "pneumonet-train"))
     storage = urlparse(flags["--storage"])
-    assert storage.path.lstrip("/") + "/" == terraform_defaults()["checkpoint_prefix"]
+    prefix = storage.path.strip("/")
+    assert (prefix + "/" if prefix else "") + "runs/" == terraform_defaults()["checkpoint_prefix"]
+
+
+@needs_kubectl
+def test_training_retries_resume_the_run_the_manifest_names(builds: dict) -> None:
+    """A RayJob retry runs the same entrypoint on a new cluster: with a fixed --run-id and
+    --resume-if-exists it continues that run's checkpoints instead of orphaning them."""
+    from pneumonet.training.runs import check_run_id
+
+    for env in ("dev", "gpu"):
+        train = workload(builds, env, "RayJob", "pneumonet-train")
+        _, flags, _ = entrypoint(train)
+        assert train["spec"]["backoffLimit"] >= 1, env
+        assert check_run_id(flags["--run-id"]) and "--resume-if-exists" in flags and "--resume" not in flags, env
+        assert "--out" not in flags, f"{env}: artifacts live in the registry under --storage, not in mutable copies"
+
+
+@needs_kubectl
+def test_the_rayservice_names_an_immutable_version_and_scoring_an_alias_or_version(builds: dict) -> None:
+    """No moving path (models/current, latest) in the RayService: a new model must change its spec."""
+    from pneumonet.registry import version_of
+
+    for env in ("dev", "gpu"):
+        _, train, _ = entrypoint(workload(builds, env, "RayJob", "pneumonet-train"))
+        (app,) = yaml.safe_load(workload(builds, env, "RayService", "pneumonet-serve")["spec"]["serveConfigV2"])["applications"]
+        located = version_of(app["args"]["model"])
+        assert located, f"{env}: args.model {app['args']['model']} is not <storage>/models/<variant>/<run-id>"
+        assert located[0] == train["--storage"], f"{env}: the RayService loads from another registry than training writes"
+        _, score, _ = entrypoint(workload(builds, env, "RayJob", "pneumonet-score"))
+        model = score["--model"]
+        assert version_of(model) or model.startswith(train["--storage"] + "/models/aliases/"), f"{env} score: {model}"
+
+
+@needs_kubectl
+def test_pin_changes_the_rendered_rayservice_to_the_promoted_version(tree: Path, tmp_path: Path) -> None:
+    """The documented command (pneumonet models pin) is what makes `kubectl apply -k` roll a model out."""
+    from test_registry import make_version
+
+    from pneumonet.cli import main
+    from pneumonet.registry import Registry
+
+    copy_root = tmp_path / "k8s"
+    shutil.copytree(tree, copy_root)
+    store = str(tmp_path / "store")
+    make_version(store, "transfer/run-7", 0.95)
+    Registry(store).promote("transfer/run-7", "production")
+    main(["models", "pin", "production", str(copy_root / "overlays" / "dev"), "--storage", store])
+    (service,) = [doc for doc in kv.render(copy_root / "overlays" / "dev" / "serve") if doc["kind"] == "RayService"]
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert app["args"]["model"] == f"{store}/models/transfer/run-7"
 
 
 def terraform_defaults() -> dict[str, Any]:

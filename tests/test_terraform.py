@@ -99,7 +99,7 @@ def test_checkpoints_and_their_old_versions_expire(hcl: dict) -> None:
     assert rule["status"] == "Enabled"
     assert block(rule, "expiration")["days"] == "${var.checkpoint_expiry_days}"
     assert block(rule, "noncurrent_version_expiration")["noncurrent_days"] == "${var.checkpoint_expiry_days}"
-    assert hcl["variable"]["checkpoint_prefix"]["default"] == "checkpoints/"
+    assert hcl["variable"]["checkpoint_prefix"]["default"] == "runs/"  # models/ beside it never expires
     assert hcl["variable"]["checkpoint_expiry_days"]["default"] >= 1
 
 

@@ -1,5 +1,5 @@
-# One bucket for everything Pneumonet stores: data/, checkpoints/ (expiring run storage),
-# models/ (promoted artifacts the scorers and the endpoint load) and scores/.
+# One bucket for everything Pneumonet stores: data/, runs/ (expiring training checkpoints),
+# models/ (every trained version, immutable, and the alias pointers; never expired) and scores/.
 
 resource "aws_s3_bucket" "pneumonet" {
   bucket = var.bucket_name
@@ -51,7 +51,7 @@ resource "aws_s3_bucket_lifecycle_configuration" "pneumonet" {
   # Rules on noncurrent versions need versioning to exist first.
   depends_on = [aws_s3_bucket_versioning.pneumonet]
 
-  # Run storage is large and disposable once a model is promoted to models/.
+  # Checkpoints are large and disposable once their run wrote its models under models/.
   rule {
     id     = "expire-checkpoints"
     status = "Enabled"

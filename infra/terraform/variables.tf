@@ -47,9 +47,9 @@ variable "role_name" {
 }
 
 variable "checkpoint_prefix" {
-  description = "Key prefix of the training run storage (the RayJob's --storage s3://<bucket>/<prefix>)."
+  description = "Key prefix of the training checkpoints (runs/ under the RayJob's --storage s3://<bucket>)."
   type        = string
-  default     = "checkpoints/"
+  default     = "runs/"
 
   validation {
     condition     = can(regex("^[^/].*/$", var.checkpoint_prefix))

@@ -40,6 +40,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--run-id", help="name of the run (default: UTC start time + random suffix); with --resume, the run to continue")
     parser.add_argument("--resume", action="store_true",
                         help="continue a stopped run (--run-id, default: the latest under the storage) from its last checkpoints")  # fmt: skip
+    parser.add_argument("--resume-if-exists", action="store_true",
+                        help="with --run-id: continue that run if the storage has it, else start it (one command line "
+                        "for a job and its retries, e.g. a RayJob's backoffLimit)")  # fmt: skip
     parser.add_argument("--epochs", type=int, help="epochs of custom and transfer (train.epochs; finetune: train.finetune_epochs)")
     parser.add_argument("--batch-size", type=int, help="images per step and worker (train.batch_size)")
     parser.add_argument("--seed", type=int, help="seed of the split, the initial weights and the augmentation (seed)")
@@ -64,6 +67,7 @@ def train_from_args(args: argparse.Namespace) -> dict[str, dict]:
     from pneumonet.config import VARIANTS
     from pneumonet.errors import ConfigError
     from pneumonet.training.distributed import run_training
+    from pneumonet.training.runs import RunLayout, check_run_id
 
     config = config_from_args(args)
     storage_root = config.distributed.storage or args.out
@@ -71,7 +75,12 @@ def train_from_args(args: argparse.Namespace) -> dict[str, dict]:
         raise ConfigError("nowhere to write: pass --out OUT or --storage URI (or set distributed.storage)")
     variants = list(VARIANTS) if args.variant == "all" else [args.variant]
     root = args.data or config.data.root
-    return run_training(config, variants, root, storage_root, out=args.out, run_id=args.run_id, resume=args.resume)
+    resume = args.resume
+    if args.resume_if_exists:
+        if not args.run_id or args.resume:
+            raise ConfigError("--resume-if-exists needs --run-id (and replaces --resume): the run to continue or start")
+        resume = RunLayout(storage_root, check_run_id(args.run_id)).exists()
+    return run_training(config, variants, root, storage_root, out=args.out, run_id=args.run_id, resume=resume)
 
 
 def print_summaries(summaries: dict[str, dict]) -> None:

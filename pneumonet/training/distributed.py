@@ -313,6 +313,13 @@ def _finished_summary(layout: RunLayout, variant: Variant) -> dict:
     return summary
 
 
+def _published(summary: dict, layout: RunLayout, variant: Variant, out: str | None) -> dict:
+    """With ``out``: the artifact also copied to ``out/<variant>`` (a mutable copy; the version stays in the storage)."""
+    if out:
+        summary["artifact"] = publish_artifact(layout.artifact_uri(variant), storage.join(out, variant))
+    return summary
+
+
 def run_training(
     config: Config,
     variants: list[Variant],
@@ -337,6 +344,10 @@ def run_training(
         record = layout.read_run()
         _check_resumable(config, record, layout)
         root = record["data_root"]
+        if all(layout.is_finished(variant) for variant in variants):
+            log.warning("run %s has finished %s already: nothing to train (a new training needs a new --run-id)",
+                        layout.run_id, ", ".join(variants))  # fmt: skip
+            return {variant: _published(_finished_summary(layout, variant), layout, variant, out) for variant in variants}
         plan = saved_plan(root, read_manifest(layout.manifest_uri))
         log.info("resuming run %s (data %s)", layout.run_id, root)
     else:
@@ -379,8 +390,7 @@ def run_training(
                 log.info("training %s (run %s, %d worker(s))", variant, layout.run_id, config.distributed.workers)
                 variant_spec = {**spec, "transfer_uri": transfer_uri if variant == "finetune" else None}
                 summaries[variant] = _train_variant(variant, config, layout, datasets, data, variant_spec, mode, out)
-            if out:
-                summaries[variant]["artifact"] = publish_artifact(layout.artifact_uri(variant), storage.join(out, variant))
+            _published(summaries[variant], layout, variant, out)
         return summaries
     finally:
         if started:

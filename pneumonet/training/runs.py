@@ -70,6 +70,10 @@ class RunLayout:
     def artifact_uri(self, variant: str) -> str:
         return storage.join(self.storage, "models", variant, self.run_id)
 
+    def exists(self) -> bool:
+        """Whether this run was started here (``run.json`` is written before any training)."""
+        return storage.exists(self.run_file)
+
     def is_finished(self, variant: str) -> bool:
         """Whether this run already wrote the artifact of ``variant`` (``pneumonet.json`` comes last)."""
         return storage.exists(storage.join(self.artifact_uri(variant), META_FILE))

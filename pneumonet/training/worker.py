@@ -117,6 +117,7 @@ def train_worker(spec: dict[str, Any]) -> None:
     fitter = Fitter(stage.trained, settings, strategy)
 
     state = FitState()
+    restored_digest = ""  # after a restart: the weights it continued from, for the summary and the tests
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -127,6 +128,7 @@ def train_worker(spec: dict[str, Any]) -> None:
             with strategy.scope():
                 state = restore_checkpoint(folder, stage.trained, fitter.optimizer)
         state.resumed_from.append(state.epoch)
+        restored_digest = weights_digest(stage.trained)
         log.info("%s: resumed after epoch %d (best ROC-AUC %.4f at epoch %d)", variant, state.epoch, state.best_auc, state.best_epoch)
 
     train_images, train_labels = read_shard("train", size)
@@ -147,6 +149,7 @@ def train_worker(spec: dict[str, Any]) -> None:
             "shard_val_images": len(val_labels),
             "best_epoch": state.best_epoch,
             "resumed_from": list(state.resumed_from),
+            "restored_weights_digest": restored_digest,
         }
         _report(metrics, rank, f"epoch-{state.epoch:04d}-{len(state.resumed_from)}",
                 lambda folder: save_checkpoint(folder, stage.trained, fitter.optimizer, state))  # fmt: skip
