@@ -14,7 +14,8 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
@@ -230,6 +231,28 @@ def list_files(uri: str, recursive: bool = True) -> list[FileEntry]:
         and not any(part.startswith(".") for part in PurePosixPath(item.path).relative_to(path).parts)
     ]
     return sorted(entries, key=lambda entry: entry.uri)
+
+
+def content_tags(root: str, entries: Sequence[FileEntry]) -> dict[str, str]:
+    """A tag of each file's contents, by URI: ``sha256:<hex>`` of the bytes for local files (read in
+    parallel), ``etag:<ETag>`` for S3, from a listing (no download; an ETag changes when the bytes do:
+    it is their MD5, or for a multipart upload the MD5 of its parts')."""
+    if not is_s3(root):
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            digests = pool.map(lambda entry: hashlib.sha256(read_bytes(entry.uri)).hexdigest(), entries)
+            return {entry.uri: f"sha256:{digest}" for entry, digest in zip(entries, digests, strict=True)}
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = _bucket_key(root)
+    prefix = key.rstrip("/") + "/" if key else ""
+    tags: dict[str, str] = {}
+    try:
+        for page in _boto_s3(_s3_settings()).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                tags[f"{S3_SCHEME}{bucket}/{item['Key']}"] = "etag:" + item["ETag"].strip('"')
+    except (ClientError, BotoCoreError) as exc:
+        raise StorageError(f"{root}: cannot list ETags ({exc})") from None
+    return {entry.uri: tags[entry.uri] for entry in entries if entry.uri in tags}
 
 
 def delete(uri: str) -> None:

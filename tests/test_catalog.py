@@ -1,3 +1,5 @@
+import shutil
+
 import pandas as pd
 import pytest
 
@@ -8,6 +10,7 @@ from pneumonet.data.catalog import (
     read_manifest,
     require_classes,
     scan,
+    shared_patients,
     summarize,
     usable,
     write_manifest,
@@ -159,7 +162,7 @@ def test_manifest_round_trip_local_and_s3(synthetic_root, tmp_path, s3_bucket):
         write_manifest(manifest, uri)
         back = read_manifest(uri)
         assert manifest_digest(back) == manifest_digest(manifest)
-        assert list(back.columns) == ["uri", "split", "label", "subtype", "patient_id", "bytes", "error"]
+        assert list(back.columns) == ["uri", "split", "label", "subtype", "patient_id", "bytes", "content", "error"]
 
 
 def test_scan_s3_prefix(synthetic_root, s3_bucket):
@@ -193,19 +196,40 @@ def test_a_flat_sample_counts_as_test(tmp_path):
     assert sorted(manifest["patient_id"]) == ["1", "2"]
 
 
-def test_a_test_patient_with_training_images_is_reported(synthetic_root, tmp_path, caplog):
-    """A child in both train/ and test/ makes test figures optimistic: the split says so, naming the patient."""
-    manifest = scan(str(synthetic_root))
-    with caplog.at_level("WARNING", logger="pneumonet.data.split"):
-        assign_validation(manifest, val_fraction=0.2, seed=1)
-    assert "both train/ and test/" not in caplog.text
-    leaked = manifest.copy()
-    test_row = leaked.index[leaked["split"] == "test"][0]
-    patient = leaked.loc[leaked["split"] == "train", "patient_id"].iloc[0]
-    leaked.loc[test_row, "patient_id"] = patient
-    with caplog.at_level("WARNING", logger="pneumonet.data.split"):
-        assign_validation(leaked, val_fraction=0.2, seed=1)
-    assert f"1 patients have images in both train/ and test/: {patient}" in caplog.text
+def test_a_test_patient_with_training_images_is_named_when_cataloging(synthetic_root, tmp_path, caplog):
+    """A child in both train/ and test/ makes test figures optimistic: cataloging says so, naming the patient."""
+    with caplog.at_level("WARNING", logger="pneumonet.data.catalog"):
+        assert shared_patients(scan(str(synthetic_root))) == []
+    assert "test/ AND in train/" not in caplog.text
+    root = tmp_path / "leaky"
+    shutil.copytree(synthetic_root, root)
+    source = sorted((root / "train" / "PNEUMONIA").glob("person*_bacteria_*"))[0]
+    patient = source.name.split("_")[0]
+    shutil.copyfile(source, root / "test" / "PNEUMONIA" / f"{patient}_bacteria_9999{source.suffix}")
+    with caplog.at_level("WARNING", logger="pneumonet.data.catalog"):
+        manifest = scan(str(root))
+    assert shared_patients(manifest) == [patient]
+    assert f"1 patients have images in test/ AND in train/ or val/: {patient}." in caplog.text
+
+
+def test_the_manifest_digest_covers_file_contents(synthetic_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    before = scan(str(root))
+    assert before["content"].str.startswith("sha256:").all()
+    victim = sorted((root / "train" / "NORMAL").iterdir())[0]
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0xFF  # same name, same size, other pixels
+    victim.write_bytes(bytes(data))
+    after = scan(str(root))
+    assert (before["bytes"] == after["bytes"]).all()
+    assert manifest_digest(usable(before)) != manifest_digest(usable(after))
+
+
+def test_s3_manifests_carry_etags(synthetic_root, s3_bucket):
+    storage.upload_dir(synthetic_root / "test", f"{s3_bucket}/data/test")
+    manifest = scan(f"{s3_bucket}/data")
+    assert manifest["content"].str.match(r"^etag:[0-9a-f]{32}(-[0-9]+)?$").all()
 
 
 @pytest.mark.parametrize(

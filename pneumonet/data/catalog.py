@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 SPLITS = ("train", "val", "test")
 UNPLACED = "unplaced"  # the summary's entry for files outside every <split>/<CLASS>/ folder
-MANIFEST_COLUMNS = ("uri", "split", "label", "subtype", "patient_id", "bytes", "error")
+MANIFEST_COLUMNS = ("uri", "split", "label", "subtype", "patient_id", "bytes", "content", "error")
+OPTIONAL_COLUMNS = ("content",)  # manifests written before it lack it
 
 # The original release also has a few four-part names (IM-0429-0001-0002, person447_virus_921_1).
 _ORIGINAL_PNEUMONIA = re.compile(r"^(person\d+)_(bacteria|virus)_\d+(?:_\d+)?$", re.IGNORECASE)
@@ -130,7 +131,9 @@ def scan(root: str) -> pd.DataFrame:
     Files that cannot be used (outside the layout, wrong extension, empty, label conflict) stay in
     the manifest with an ``error`` so they are counted and reported, never silently dropped.
     """
-    rows = [describe_entry(root, entry.uri, entry.size) for entry in storage.list_files(root)]
+    entries = storage.list_files(root)
+    tags = storage.content_tags(root, entries)
+    rows = [{**describe_entry(root, entry.uri, entry.size), "content": tags.get(entry.uri)} for entry in entries]
     if not any(row["error"] is None for row in rows):
         raise DataError(
             f"{root}: no usable images found; expected the Kaggle layout "
@@ -144,7 +147,19 @@ def scan(root: str) -> pd.DataFrame:
         more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
         log.warning("skipping %d unusable files: %s%s", len(bad), listing, more)
     _warn_about_unparsed_names(frame[frame["error"].isna()])
+    if shared := shared_patients(frame):
+        listing = ", ".join(shared[:20]) + (f" (and {len(shared) - 20} more)" if len(shared) > 20 else "")
+        log.warning("%s: %d patients have images in test/ AND in train/ or val/: %s. Test figures will flatter the model; "
+                    "the metrics record them (patients_also_in_train)", root, len(shared), listing)  # fmt: skip
     return frame.reset_index(drop=True)
+
+
+def shared_patients(manifest: pd.DataFrame) -> list[str]:
+    """Patients with usable images in test/ and in the training pool (train/ or val/), sorted."""
+    rows = usable(manifest)
+    test = set(rows.loc[rows["split"] == "test", "patient_id"])
+    pool = set(rows.loc[rows["split"].isin(["train", "val"]), "patient_id"])
+    return sorted(map(str, test & pool))
 
 
 def usable(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -183,6 +198,9 @@ def read_manifest(uri: str) -> pd.DataFrame:
     except pa.ArrowException as exc:
         raise DataError(f"manifest {uri} is not a readable Parquet file ({exc}); it is written once, when a run "
                         "starts: start a new run rather than resume this one") from None  # fmt: skip
+    for column in OPTIONAL_COLUMNS:
+        if column not in manifest.columns:
+            manifest[column] = None
     missing = [column for column in MANIFEST_COLUMNS if column not in manifest.columns]
     if missing:
         raise DataError(f"manifest {uri} lacks the columns {', '.join(missing)}; it is not a pneumonet manifest")
@@ -190,10 +208,11 @@ def read_manifest(uri: str) -> pd.DataFrame:
 
 
 def manifest_digest(manifest: pd.DataFrame) -> str:
-    """A content digest of what a model was trained on (file, size, label, split), for lineage."""
+    """A digest of what a model was trained on, for lineage: per file its URI, size, contents (SHA-256 or
+    S3 ETag: :func:`pneumonet.storage.content_tags`), label and split."""
     digest = hashlib.sha256()
     for row in manifest.sort_values("uri").itertuples(index=False):
-        digest.update(f"{row.uri}\t{row.bytes}\t{row.label}\t{row.split}\n".encode())
+        digest.update(f"{row.uri}\t{row.bytes}\t{getattr(row, 'content', None) or ''}\t{row.label}\t{row.split}\n".encode())
     return digest.hexdigest()
 
 

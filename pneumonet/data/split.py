@@ -7,16 +7,12 @@ keeping the NORMAL/PNEUMONIA ratio, reproducibly for a seed.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
 from pneumonet.data.catalog import labels_of, usable
 from pneumonet.errors import DataError
-
-log = logging.getLogger(__name__)
 
 
 def _validation_mask(pool: pd.DataFrame, val_fraction: float, seed: int) -> np.ndarray:
@@ -33,15 +29,6 @@ def _validation_mask(pool: pd.DataFrame, val_fraction: float, seed: int) -> np.n
     mask = np.zeros(len(pool), dtype=bool)
     mask[val_index] = True
     return mask
-
-
-def _warn_about_shared_patients(train: pd.DataFrame, test: pd.DataFrame) -> None:
-    """Say so when a test/ patient also has training images: test figures would then be optimistic."""
-    shared = sorted(set(train["patient_id"]) & set(test["patient_id"]))
-    if shared:
-        listing = ", ".join(map(str, shared[:10])) + (f" (and {len(shared) - 10} more)" if len(shared) > 10 else "")
-        log.warning("%d patients have images in both train/ and test/: %s; test figures will flatter the model",
-                    len(shared), listing)  # fmt: skip
 
 
 def assign_validation(manifest: pd.DataFrame, val_fraction: float, seed: int, merge_val_folder: bool = True) -> pd.DataFrame:
@@ -63,7 +50,6 @@ def assign_validation(manifest: pd.DataFrame, val_fraction: float, seed: int, me
             f"{pool['patient_id'].nunique()} patients and {pool['label'].nunique()} class(es): need both classes "
             "and at least 4 patients"
         )
-    _warn_about_shared_patients(pool, rows[rows["split"] == "test"])
     is_val = _validation_mask(pool.reset_index(drop=True), val_fraction, seed)
     rows.loc[pool.index, "split"] = np.where(is_val, "val", "train")
     for split in ("train", "val"):
