@@ -14,9 +14,7 @@ from pneumonet import storage
 from pneumonet.artifact import build_metadata, load_artifact, save_artifact
 from pneumonet.cli import main
 from pneumonet.config import ThresholdConfig, load_config
-from pneumonet.data.catalog import manifest_digest, scan, usable
-from pneumonet.data.pipeline import limit_per_class
-from pneumonet.data.split import assign_validation
+from pneumonet.data.catalog import manifest_digest, scan, usable, write_manifest
 from pneumonet.errors import DataError
 from pneumonet.evaluation.calibrate import calibrate_artifact, required_positives
 from pneumonet.evaluation.metrics import choose_threshold
@@ -72,28 +70,49 @@ def test_evaluate_a_flat_folder(model_uri: str, site_root: Path, tmp_path: Path)
     assert flat_metrics["roc_auc"] == pytest.approx(nested_metrics["roc_auc"])
 
 
-def test_evaluate_a_missing_split_names_what_exists(model_uri: str, site_root: Path, tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"no usable images in the train split \(splits found: test\)"):
-        evaluate_artifact(model_uri, str(site_root), "train", str(tmp_path / "eval"))
+def test_evaluate_a_missing_split_names_what_exists(model_uri: str, synthetic_root: Path, tmp_path: Path) -> None:
+    only_train = tmp_path / "only-train"
+    shutil.copytree(synthetic_root / "train", only_train / "train")
+    with pytest.raises(DataError, match=r"no usable images in the test split \(splits found: train\)"):
+        evaluate_artifact(model_uri, str(only_train), "test", str(tmp_path / "eval"))
+    with pytest.raises(DataError, match=r"has no manifest\.parquet, so the images of its training run are not known"):
+        evaluate_artifact(model_uri, str(synthetic_root), "train", str(tmp_path / "eval"))
 
 
-def test_evaluate_val_only_on_the_training_manifest(synthetic_root: Path, tmp_path: Path) -> None:
-    """val is re-derived with the artifact's seed, fraction and limit, and refused on other data."""
+def test_evaluate_val_uses_the_saved_manifest_and_names_what_changed(synthetic_root: Path, tmp_path: Path) -> None:
+    """val/train come from the manifest saved with the artifact; a file gone or changed (same size) is named."""
     from pneumonet.models import build_model
+    from pneumonet.training.variants import plan_splits
 
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
     config = load_config(None, [*MODEL, "data.limit_per_class=6"])
-    rows = assign_validation(scan(str(synthetic_root)), config.data.val_fraction, config.seed, config.data.merge_val_folder)
-    rows = limit_per_class(rows, config.data.limit_per_class, config.seed)
-    meta = build_metadata(variant="custom", config=config, threshold=0.5, val_metrics={},
-                          manifest_digest=manifest_digest(usable(rows)))  # fmt: skip
-    uri = save_artifact(build_model("custom", config.model, seed=1), meta, str(tmp_path / "model"))
-    metrics = evaluate_artifact(uri, str(synthetic_root), "val", str(tmp_path / "eval"))
-    assert metrics["n"] == int((usable(rows)["split"] == "val").sum()) <= 12  # the limit holds
-    other = tmp_path / "other"
-    shutil.copytree(synthetic_root, other)
-    next((other / "train" / "PNEUMONIA").iterdir()).unlink()
-    with pytest.raises(DataError, match="not the dataset .* was trained on"):
-        evaluate_artifact(uri, str(other), "val", str(tmp_path / "eval2"))
+    plan = plan_splits(config, str(data))
+    meta = build_metadata(variant="custom", config=config, threshold=0.5, val_metrics={}, manifest_digest=plan.digest,
+                          extra={"data_root": str(data)})  # fmt: skip
+    uri = str(tmp_path / "model")
+    write_manifest(plan.manifest, f"{uri}/manifest.parquet")  # as training writes it, before pneumonet.json
+    save_artifact(build_model("custom", config.model, seed=1), meta, uri)
+
+    metrics = evaluate_artifact(uri, str(data), "val", str(tmp_path / "eval"))
+    assert metrics["n"] == len(plan.val) <= 12  # the limit of the run holds
+    assert evaluate_artifact(uri, str(data), "test", str(tmp_path / "t1"))["patients_also_in_train"] == []
+    trained = Path(plan.train.loc[plan.train["patient_id"].str.startswith("person"), "uri"].iloc[0])
+    patient = trained.name.split("_")[0]
+    shutil.copyfile(trained, data / "test" / "PNEUMONIA" / f"{patient}_bacteria_9999{trained.suffix}")
+    assert evaluate_artifact(uri, str(data), "test", str(tmp_path / "t2"))["patients_also_in_train"] == [patient]
+
+    victim = data / plan.val["uri"].iloc[0].split(str(data) + "/", 1)[1]
+    original = victim.read_bytes()
+    victim.write_bytes(original[:-3] + bytes(b ^ 0xFF for b in original[-3:]))
+    with pytest.raises(DataError, match=rf"1 with other contents \(e\.g\. {victim.relative_to(data)}\)"):
+        evaluate_artifact(uri, str(data), "val", str(tmp_path / "eval2"))
+    victim.unlink()
+    with pytest.raises(DataError, match=rf"of the {len(plan.val)} val images of its run .* 1 missing"):
+        evaluate_artifact(uri, str(data), "val", str(tmp_path / "eval3"))
+    write_manifest(plan.manifest.iloc[1:], f"{uri}/manifest.parquet")
+    with pytest.raises(DataError, match="was changed after training"):
+        evaluate_artifact(uri, str(data), "val", str(tmp_path / "eval4"))
 
 
 def test_calibrate_chooses_the_site_threshold_and_keeps_the_model(model_uri: str, site_root: Path, tmp_path: Path) -> None:

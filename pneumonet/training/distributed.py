@@ -45,10 +45,11 @@ from pydantic import ValidationError
 
 from pneumonet import storage, tracking
 from pneumonet.config import VARIANTS, Config, Variant
-from pneumonet.data.catalog import read_manifest, write_manifest
+from pneumonet.data.catalog import read_manifest, shared_patients, write_manifest
 from pneumonet.errors import ArtifactError, ConfigError, DataError, PneumonetError
 from pneumonet.training.runs import (
     LATEST,
+    MANIFEST_FILE,
     RunLayout,
     check_run_id,
     latest_run_id,
@@ -285,6 +286,8 @@ def _train_variant(
             relay.close()
         model, state = _final_model(result)
         artifact_uri = layout.artifact_uri(variant)
+        # The version keeps its own copy of the data it was trained on (runs/ expires): evaluate uses it.
+        storage.write_bytes(storage.join(artifact_uri, MANIFEST_FILE), storage.read_bytes(layout.manifest_uri))
         extra = {"run_id": layout.run_id, "workers": dist.workers, "resumed_from": state.resumed_from,
                  "mixed_precision": dist.mixed_precision}  # fmt: skip
         summary = finish(variant, model, state, config, data, artifact_uri, run=run, extra=extra)
@@ -377,7 +380,7 @@ def run_training(
         if not resume:
             layout.write_run({"run_id": layout.run_id, "variants": variants, "data_root": root, "storage": storage_root,
                               "manifest_digest": plan.digest, "config": config.model_dump(mode="json")})  # fmt: skip
-        data = EvalData(root, val, test, plan.digest)
+        data = EvalData(root, val, test, plan.digest, shared_patients(plan.manifest))
         datasets = {"train": usable(decoded["train"]), "val": usable(decoded["val"])}
         spec = {"config": config.model_dump(mode="json"), "class_weight": list(class_weight_of(plan.train)),
                 "cpus": config.distributed.cpus_per_worker}  # fmt: skip

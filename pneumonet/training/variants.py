@@ -25,7 +25,7 @@ import tensorflow as tf
 from pneumonet import storage
 from pneumonet.artifact import build_metadata, load_artifact, save_artifact
 from pneumonet.config import Config, Variant
-from pneumonet.data.catalog import labels_of, manifest_digest, require_classes, scan
+from pneumonet.data.catalog import labels_of, manifest_digest, require_classes, scan, shared_patients
 from pneumonet.data.pipeline import ImageSet, limit_per_class, load_image_set
 from pneumonet.data.split import assign_validation
 from pneumonet.errors import DataError
@@ -106,6 +106,7 @@ class EvalData:
     val: ImageSet
     test: ImageSet | None
     digest: str
+    shared_patients: list[str]  # test/ patients also in the training pool: recorded with the test metrics
 
 
 @dataclass
@@ -127,7 +128,7 @@ def prepare_data(config: Config, root: str) -> PreparedData:
     for split, part in sets.items():
         if len(np.unique(part.labels)) < 2:
             raise DataError(f"{root}: after skipping unreadable files the {split} split lacks a class")
-    return PreparedData(root, sets["val"], test, plan.digest, plan.manifest, sets["train"])
+    return PreparedData(root, sets["val"], test, plan.digest, shared_patients(plan.manifest), plan.manifest, sets["train"])
 
 
 # --- stages --------------------------------------------------------------------------------------
@@ -287,6 +288,7 @@ def finish(
         summary["test"] = evaluate_predictions(
             data.test.labels, test_probs, threshold, test_uri,
             subtypes=data.test.rows["subtype"].tolist(), title=f"{variant} — test",
+            extra={"patients_also_in_train": data.shared_patients},
         )  # fmt: skip
         if run is not None:
             run.log_evaluation("test", data.test.labels, test_probs, threshold, summary["test"], test_uri)
