@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import re
 import socket
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from pneumonet.artifact_meta import META_FILE, check_artifact
 from pneumonet.config import VARIANTS
 from pneumonet.errors import ArtifactError, ConflictError, RegistryError, StorageError
 from pneumonet.training.runs import LATEST, check_run_id, resolve_artifact_uri
+
+log = logging.getLogger(__name__)
 
 MODELS = "models"
 ALIASES = "aliases"
@@ -228,13 +231,23 @@ class Registry:
         seqs = [int(e.uri.rsplit("/", 1)[1].split(".")[0]) for e in storage.list_files(folder)] if storage.is_dir(folder) else []
         return max([state["seq"] if state else 0, *seqs]) + 1
 
+    def _named(self, state: dict[str, Any] | None) -> ModelVersion | None:
+        """The version a pointer names, or None (no pointer, or its folder is gone: moving away is still allowed)."""
+        if state is None:
+            return None
+        try:
+            return self.get(state["version"])
+        except RegistryError as exc:
+            log.warning("alias %s: %s", state["alias"], exc)
+            return None
+
     def _move(self, alias: str, target: ModelVersion, action: str, *, state: dict[str, Any] | None, tag: str | None,
               reason: str | None, who: str | None, forced: bool = False) -> dict[str, Any]:  # fmt: skip
         seq = self._next_seq(alias, state)
-        previous = self.get(state["version"]) if state else None
+        previous = self._named(state)
         who = who or _who()
         record = {"seq": seq, "parent": state["seq"] if state else None, "alias": alias, "action": action,
-                  "from": previous.id if previous else None, "to": target.id, "uri": target.uri, "digest": target.digest,
+                  "from": state["version"] if state else None, "to": target.id, "uri": target.uri, "digest": target.digest,
                   "who": who, "when": _now(), "reason": reason, "forced": forced,
                   "metrics": {"to": _figures(target.meta), "from": _figures(previous.meta) if previous else None}}  # fmt: skip
         pointer = {"alias": alias, "version": target.id, "uri": target.uri, "digest": target.digest, "seq": seq,
@@ -254,13 +267,13 @@ class Registry:
         state, tag = self._pointer(alias)
         if state and state["version"] == target.id:
             raise RegistryError(f"alias {alias} already names {target.id}")
-        if state and not force:
-            current = self.get(state["version"])
-            if target.roc_auc is None or (current.roc_auc is not None and target.roc_auc < current.roc_auc):
+        current = self._named(state)
+        if current and current.roc_auc is not None and not force:
+            if target.roc_auc is None or target.roc_auc < current.roc_auc:
                 mine = "no validation ROC-AUC" if target.roc_auc is None else f"validation ROC-AUC {target.roc_auc:.4f}"
                 raise RegistryError(
-                    f"refusing to promote {target.id} to {alias}: {mine}, below {current.roc_auc:.4f} of {current.id} "
-                    "(the current one); pass --force (and --reason) to promote it anyway"
+                    f"refusing to promote {target.id} to {alias}: {mine}, but {current.id} (the current one) has "
+                    f"{current.roc_auc:.4f}; pass --force (and --reason) to promote it anyway"
                 )
         return self._move(alias, target, "promote", state=state, tag=tag, reason=reason, who=who, forced=force)
 

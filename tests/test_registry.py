@@ -85,7 +85,7 @@ def test_a_worse_model_is_refused_unless_forced(root):
     make_version(root, "custom/unknown", None)
     registry = Registry(root)
     registry.promote("transfer/good", "production")
-    with pytest.raises(RegistryError, match=r"0\.9000, below 0\.9500 of transfer/good.*--force"):
+    with pytest.raises(RegistryError, match=r"ROC-AUC 0\.9000, but transfer/good \(the current one\) has 0\.9500; pass --force"):
         registry.promote("custom/worse", "production")
     with pytest.raises(RegistryError, match="no validation ROC-AUC"):
         registry.promote("custom/unknown", "production")
@@ -177,6 +177,19 @@ def test_conditional_writes_refuse_a_stale_tag_and_an_existing_object(root):
         storage.replace_tagged(uri, b"three", tag)  # the tag of "one": someone changed it since
     assert storage.read_bytes(uri) == b"two" and data == b"one"
     assert storage.read_tagged(storage.join(root, "cas", "absent")) is None
+
+
+def test_an_alias_can_move_away_from_a_version_whose_folder_is_gone(tmp_path):
+    root = str(tmp_path)
+    make_version(root, "custom/gone", 0.99)
+    make_version(root, "custom/next", 0.80)
+    registry = Registry(root)
+    registry.promote("custom/gone", "production")
+    storage.delete(f"{root}/models/custom/gone")
+    with pytest.raises(RegistryError, match="custom/gone"):
+        registry.resolve("production")
+    assert registry.promote("custom/next", "production")["from"] == "custom/gone"  # no figure to compare with
+    assert registry.resolve("production").id == "custom/next"
 
 
 def test_an_alias_whose_version_was_rewritten_is_refused(tmp_path):
