@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,6 +51,17 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     good.write_bytes(buffer.getvalue())
     bad.write_bytes(buffer.getvalue()[:100])
     return good, bad
+
+
+def test_predict_through_an_alias_scores_with_the_version_it_names(model_uri: str, images: tuple[Path, Path], tmp_path: Path) -> None:
+    from pneumonet.registry import Registry
+
+    shutil.copytree(model_uri, tmp_path / "models" / "custom" / "run-1")
+    Registry(str(tmp_path)).promote("custom/run-1", "production")
+    result = cli("predict", "--model", str(tmp_path / "models" / "aliases" / "production"), str(images[0]), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = json.loads(result.stdout)
+    assert row["model"] == f"custom/run-1:{load_artifact(model_uri).version}" and 0.0 <= row["probability"] <= 1.0
 
 
 def test_predict_json_and_exit_code(model_uri: str, images: tuple[Path, Path]) -> None:

@@ -24,6 +24,7 @@ from pneumonet.data.catalog import manifest_digest, read_manifest, scan, usable
 from pneumonet.data.pipeline import ImageSet, load_image_set
 from pneumonet.errors import DataError
 from pneumonet.evaluation import evaluate_predictions
+from pneumonet.registry import resolve_model
 from pneumonet.training.runs import MANIFEST_FILE
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def evaluate_artifact(model_uri: str, data_root: str, split: str, out: str, data
     validation one; ``threshold_source`` says which); intervals resample whole patients. ``data``:
     decode settings (default: the artifact's). Test metrics name the patients also trained on.
     """
-    artifact = load_artifact(model_uri)
+    artifact = load_artifact(resolve_model(model_uri).uri)  # an alias pointer works too
     images = decode_split(artifact, data_root, split, data)
     probs = artifact.predict_proba(images.images)
     extra: dict = {"threshold_source": artifact.threshold_source}

@@ -22,8 +22,10 @@ def predict_files(model_uri: str, uris: list[str], artifact: Artifact | None = N
     ``data``: decode settings (limits, threads; default: the defaults of ``DataConfig``).
     """
     from pneumonet.artifact import load_artifact
+    from pneumonet.registry import resolve_model
 
-    artifact = artifact or load_artifact(model_uri)
+    model = resolve_model(model_uri)  # an alias pointer works too; rows name the version it resolved to
+    artifact = artifact or load_artifact(model.uri)
     data = data or DataConfig()
     loaded = load_many(uris, artifact.image_size, workers=data.decode_workers, max_pixels=data.max_image_pixels,
                        max_bytes=data.max_image_bytes)  # fmt: skip
@@ -32,7 +34,7 @@ def predict_files(model_uri: str, uris: list[str], artifact: Artifact | None = N
     results = []
     for i, uri in enumerate(uris):
         row = {"uri": uri, "probability": None, "prediction": None, "threshold": artifact.threshold,
-               "threshold_source": artifact.threshold_source, "model": f"{artifact.name}:{artifact.version}", "error": loaded.failures.get(uri)}  # fmt: skip
+               "threshold_source": artifact.threshold_source, "model": model.label, "error": loaded.failures.get(uri)}  # fmt: skip
         if i in by_index:
             row["probability"] = float(by_index[i])
             row["prediction"] = decide(row["probability"], artifact.threshold)
