@@ -155,20 +155,28 @@ def add_models_parser(commands: argparse._SubParsersAction) -> None:
     models.set_defaults(func=cmd_list)
     sub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
 
-    sub.add_parser("list", parents=[common], help="versions with validation figures and aliases").set_defaults(func=cmd_list)
-    promote = sub.add_parser("promote", parents=[common, moving], help="point an alias at a version (audit-logged)")
+    def command(name: str, parents: list[argparse.ArgumentParser], help: str, *example_lines: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=parents, help=help, description=help, epilog=examples(*example_lines),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+
+    command("list", [common], "versions with validation figures and aliases",
+            "pneumonet models list --storage s3://pneumonet --json").set_defaults(func=cmd_list)  # fmt: skip
+    promote = command("promote", [common, moving], "point an alias at a version (audit-logged)",
+                      'pneumonet models promote custom/20261204-101500-ab12 --alias production --reason "site check passed"')  # fmt: skip
     promote.add_argument("version", metavar="VERSION", help="<variant>/<run-id> (see pneumonet models) or its folder URI")
     promote.add_argument("--force", action="store_true", help="promote even with a lower validation ROC-AUC than the current one")
     promote.set_defaults(func=cmd_promote)
-    sub.add_parser("rollback", parents=[common, moving], help="move an alias back to the version before its last promotion"
-                   ).set_defaults(func=cmd_rollback)  # fmt: skip
-    history = sub.add_parser("history", parents=[common], help="the audit log of an alias, oldest first")
-    history.add_argument("--alias", required=True)
+    command("rollback", [common, moving], "move an alias back to the version before its last promotion",
+            'pneumonet models rollback --alias production --reason "false positives at site A"').set_defaults(func=cmd_rollback)  # fmt: skip
+    history = command("history", [common], "the audit log of an alias, oldest first",
+                      "pneumonet models history --alias production --storage s3://pneumonet")  # fmt: skip
+    history.add_argument("--alias", required=True, help="e.g. production")
     history.set_defaults(func=cmd_history)
-    resolve = sub.add_parser("resolve", parents=[common], help="print the version folder an alias names now")
-    resolve.add_argument("alias", metavar="ALIAS")
+    resolve = command("resolve", [common], "print the version folder an alias names now", "pneumonet models resolve production")
+    resolve.add_argument("alias", metavar="ALIAS", help="e.g. production")
     resolve.set_defaults(func=cmd_resolve)
-    pin = sub.add_parser("pin", parents=[common], help="write the version an alias names into an overlay's RayService")
-    pin.add_argument("alias", metavar="ALIAS")
+    pin = command("pin", [common], "write the version an alias names into an overlay's RayService",
+                  "pneumonet models pin production k8s/overlays/dev && kubectl apply -k k8s/overlays/dev/serve")  # fmt: skip
+    pin.add_argument("alias", metavar="ALIAS", help="e.g. production")
     pin.add_argument("overlay", metavar="OVERLAY", help="e.g. k8s/overlays/dev (its RayService patch is edited)")
     pin.set_defaults(func=cmd_pin)
