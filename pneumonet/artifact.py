@@ -126,6 +126,14 @@ def _absolute(uri: str) -> str:
     return str(uri) if storage.is_s3(str(uri)) else str(Path(uri).expanduser().absolute())
 
 
+def elsewhere(source: Artifact, uri: str) -> str:
+    """``uri`` made absolute; ArtifactError if it is ``source``'s own place (a derived artifact never replaces it)."""
+    uri = _absolute(uri)
+    if uri.rstrip("/") == _absolute(source.uri).rstrip("/"):
+        raise ArtifactError(f"refusing to overwrite the source artifact {uri}: write the derived one elsewhere")
+    return uri
+
+
 def _write(uri: str, model_bytes: bytes, meta: dict[str, Any]) -> None:
     """``pneumonet.json`` removed first and written last, so an interrupted write is never loadable."""
     storage.delete(storage.join(uri, META_FILE))
@@ -154,9 +162,7 @@ def derive_artifact(artifact: Artifact, meta: dict[str, Any], uri: str) -> str:
 
     Used by calibration: the weights do not change, only what is known about them. Returns the URI.
     """
-    uri = _absolute(uri)
-    if uri.rstrip("/") == _absolute(artifact.uri).rstrip("/"):
-        raise ArtifactError(f"refusing to overwrite the source artifact {uri}: write the derived one elsewhere")
+    uri = elsewhere(artifact, uri)
     _write(uri, storage.read_bytes(storage.join(artifact.uri, MODEL_FILE)), {**meta, "version": artifact.version})
     return uri
 

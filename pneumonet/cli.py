@@ -89,27 +89,63 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"n {metrics['n']}  {headline(metrics)}  (threshold {metrics['threshold']:.3f}, the {source} one) → {args.out}")
 
 
-def cmd_calibrate(args: argparse.Namespace) -> None:
+def _site_policy(args: argparse.Namespace):
+    """The threshold policy of ``calibrate``/``adapt`` from ``--min-sensitivity`` / ``--policy``."""
     from pneumonet.config import ThresholdConfig
     from pneumonet.errors import ConfigError
-    from pneumonet.evaluation.calibrate import calibrate_artifact
-    from pneumonet.evaluation.metrics import headline
 
     if not 0.0 < args.min_sensitivity < 1.0:
         raise ConfigError(f"--min-sensitivity must be between 0 and 1 (exclusive), got {args.min_sensitivity:g}")
     if args.policy == "youden":
-        policy = ThresholdConfig(policy="youden")
-    else:
-        policy = ThresholdConfig(policy="min_sensitivity", min_sensitivity=args.min_sensitivity)
-    record = calibrate_artifact(args.model, args.data, args.out, policy, split=args.split, recalibrate=args.recalibrate == "platt")
+        return ThresholdConfig(policy="youden")
+    return ThresholdConfig(policy="min_sensitivity", min_sensitivity=args.min_sensitivity)
+
+
+def _print_site_record(record: dict, source: str, out: str) -> None:
+    from pneumonet.evaluation.metrics import headline
+
     sample, site, before = record["sample"], record["at_site_threshold"], record["at_training_threshold"]
     print(f"site sample: {sample['n']} images of {sample['n_patients']} patients ({sample['n_positive']} pneumonia)")
-    print(f"  training threshold {record['training_threshold']:.3f}: {headline(before)}")
-    print(f"  site threshold     {record['threshold']:.3f}: {headline(site)}")
+    print(f"  source model, training threshold {record['training_threshold']:.3f}: {headline(before)}")
+    print(f"  {source}, site threshold {record['threshold']:.3f}: {headline(site)}")
     if platt := record.get("platt"):
         print(f"  Platt scaling: Brier {platt['brier_before']:.3f} → {platt['brier_after']:.3f}, "
               f"ECE {platt['ece_before']:.3f} → {platt['ece_after']:.3f} (two-fold over the site's patients)")  # fmt: skip
-    print(f"  (95% intervals resample whole patients) → calibrated artifact {args.out}")
+    print(f"  (95% intervals resample whole patients) → {out}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from pneumonet.evaluation.calibrate import calibrate_artifact
+
+    record = calibrate_artifact(args.model, args.data, args.out, _site_policy(args), split=args.split,
+                                recalibrate=args.recalibrate == "platt")  # fmt: skip
+    _print_site_record(record, "calibrated" if record.get("platt") else "same model", f"calibrated artifact {args.out}")
+
+
+def cmd_adapt(args: argparse.Namespace) -> None:
+    from pneumonet.config import load_config
+    from pneumonet.training.adapt import adapt_artifact
+
+    cfg = load_config(args.config, args.overrides).adapt
+    record = adapt_artifact(args.model, args.data, args.out, _site_policy(args), cfg, split=args.split, seed=args.seed)
+    for fold in record["folds"]:
+        print(f"fold {fold['fold']}: {fold['n']} held-out images of {fold['n_patients']} patients, "
+              f"ROC-AUC {fold['roc_auc_before']:.3f} → {fold['roc_auc_after']:.3f}")  # fmt: skip
+    print(f"ROC-AUC on the site sample: {record['roc_auc_before']:.3f} before, {record['roc_auc_out_of_fold']:.3f} adapted "
+          "(out of fold: each image scored by a model that never saw its patient)")  # fmt: skip
+    _print_site_record(record["calibration"], "adapted, out of fold", f"adapted artifact {args.out}")
+
+
+def _add_site_arguments(parser: argparse.ArgumentParser, writes: str) -> None:
+    """``--model/--data/--split/--out`` and the threshold policy, shared by ``calibrate`` and ``adapt``."""
+    parser.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")
+    parser.add_argument("--data", required=True, help="the site's labelled sample: test/{NORMAL,PNEUMONIA}/ or flat")
+    parser.add_argument("--split", default="test", choices=("train", "test"), help="the sample's split folder")
+    parser.add_argument("--out", required=True, help=f"where the {writes} artifact goes (not the source)")
+    policy = parser.add_mutually_exclusive_group()
+    policy.add_argument("--min-sensitivity", type=float, default=0.95, metavar="S",
+                        help="highest threshold with sensitivity >= S on the sample (default 0.95)")  # fmt: skip
+    policy.add_argument("--policy", choices=("youden",), help="maximise sensitivity + specificity instead")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -210,17 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
         "pneumonet calibrate --model runs/custom --data ../shared/data/site-sample --out runs/custom-site",
         "pneumonet calibrate --model runs/custom --data SAMPLE --out OUT --policy youden --recalibrate platt",
     )  # fmt: skip
-    calibrate.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")
-    calibrate.add_argument("--data", required=True, help="the site's labelled sample: test/{NORMAL,PNEUMONIA}/ or flat")
-    calibrate.add_argument("--split", default="test", choices=("train", "test"), help="the sample's split folder")
-    calibrate.add_argument("--out", required=True, help="where the calibrated artifact goes (not the source)")
-    policy = calibrate.add_mutually_exclusive_group()
-    policy.add_argument("--min-sensitivity", type=float, default=0.95, metavar="S",
-                        help="highest threshold with sensitivity >= S on the sample (default 0.95)")  # fmt: skip
-    policy.add_argument("--policy", choices=("youden",), help="maximise sensitivity + specificity instead")
+    _add_site_arguments(calibrate, "calibrated")
     calibrate.add_argument("--recalibrate", choices=("platt",),
                            help="also refit the probabilities to the site (Platt scaling); decisions keep their order")  # fmt: skip
     calibrate.set_defaults(func=cmd_calibrate)
+
+    adapt = _command(
+        commands, "adapt", "fine-tune the custom CNN on a site's labelled sample; threshold and figures out of fold; writes a new artifact",
+        "pneumonet adapt --model runs/custom --data ../shared/data/site-sample --out runs/custom-adapted",
+        "pneumonet adapt --model runs/custom --data SAMPLE --out OUT --min-sensitivity 0.97 adapt.folds=5 adapt.epochs=8",
+    )  # fmt: skip
+    _add_site_arguments(adapt, "adapted")
+    adapt.add_argument("--seed", type=int, default=0, help="folds, shuffling and dropout (default 0)")
+    add_overrides(adapt, "adapt.epochs=8 adapt.learning_rate=5e-5 adapt.folds=5")
+    adapt.set_defaults(func=cmd_adapt)
 
     predict = _command(commands, "predict", "score a few image files",
                        "pneumonet predict --model pneumonet-demo/models/custom chest1.jpeg chest2.dcm",

@@ -126,6 +126,17 @@ class TrainConfig(_Strict):
     threshold: ThresholdConfig = ThresholdConfig()
 
 
+class AdaptConfig(_Strict):
+    """``pneumonet adapt``: fine-tuning the custom CNN on a site's labelled sample (docs/quality.md)."""
+
+    folds: int = Field(4, ge=2, description="Patient-grouped folds whose out-of-fold scores choose the threshold and judge the gain.")
+    epochs: int = Field(6, ge=1)
+    learning_rate: float = Field(1e-4, gt=0.0, description="Start of the cosine decay: a tenth of training's, so the model moves, not restarts.")
+    batch_size: int = Field(32, ge=1)
+    repeat: int = Field(3, ge=1, description="Passes over the (small) sample per epoch.")
+    augment: bool = Field(False, description="Use train.augment while adapting (it cost site ROC-AUC when measured).")
+
+
 class DistributedConfig(_Strict):
     """Ray Train resources and fault tolerance."""
 
@@ -182,6 +193,7 @@ class Config(_Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    adapt: AdaptConfig = AdaptConfig()
     distributed: DistributedConfig = DistributedConfig()
     tracking: TrackingConfig = TrackingConfig()
     score: ScoreConfig = ScoreConfig()

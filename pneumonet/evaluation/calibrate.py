@@ -33,10 +33,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import brier_score_loss
 
 from pneumonet import storage
-from pneumonet.artifact import derive_artifact, load_artifact, platt_scale
+from pneumonet.artifact import Artifact, derive_artifact, load_artifact, platt_scale
 from pneumonet.artifact_meta import SITE_KEY
 from pneumonet.config import ThresholdConfig
 from pneumonet.data.catalog import manifest_digest
+from pneumonet.data.pipeline import ImageSet
 from pneumonet.errors import ConfigError, DataError
 from pneumonet.evaluation import evaluate_predictions
 from pneumonet.evaluation.metrics import choose_threshold, compute_metrics
@@ -114,6 +115,54 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
     return {key: metrics[key] for key in SUMMARY_KEYS if key in metrics}
 
 
+def site_record(
+    images: ImageSet,
+    probs: np.ndarray,
+    source_probs: np.ndarray,
+    training_threshold: float,
+    policy: ThresholdConfig,
+    out_uri: str,
+    where: tuple[str, str],
+    title: str,
+    n_bootstrap: int,
+) -> dict[str, Any]:
+    """Choose the site threshold on ``probs`` and describe it: the ``site_calibration`` record.
+
+    ``probs`` are the scores the deployed artifact stands for (calibrated, or out-of-fold when
+    adapted); ``source_probs`` the unchanged model's, judged at its training threshold for comparison.
+    Writes ``evaluation/site/`` (metrics at the site threshold, plots) and ``predictions.csv`` under ``out_uri``.
+    """
+    labels, patients = images.labels, images.rows["patient_id"].tolist()
+    threshold = choose_threshold(labels, probs, policy)
+    at_site = evaluate_predictions(
+        labels, probs, threshold, storage.join(out_uri, "evaluation", "site"), subtypes=images.rows["subtype"].tolist(),
+        title=title, n_bootstrap=n_bootstrap, groups=patients, extra={"threshold_source": "site"},
+    )  # fmt: skip
+    at_training = compute_metrics(labels, source_probs, training_threshold, n_bootstrap=n_bootstrap, groups=patients)
+    write_predictions(images, probs, threshold, storage.join(out_uri, "evaluation", "site", "predictions.csv"))
+    root, split = where
+    return {
+        "threshold": threshold,
+        "policy": policy.model_dump(mode="json"),
+        "training_threshold": training_threshold,
+        "sample": {
+            "root": root, "split": split, "manifest_digest": manifest_digest(images.rows),
+            "n": len(labels), "n_positive": int(labels.sum()), "n_negative": int((labels == 0).sum()),
+            "n_patients": len(set(patients)), "unreadable": len(images.failures),
+        },
+        "at_site_threshold": _summary(at_site),
+        "at_training_threshold": _summary(at_training),
+        "calibrated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }  # fmt: skip
+
+
+def site_sample(artifact: Artifact, data_root: str, split: str, policy: ThresholdConfig) -> ImageSet:
+    """The decoded site sample, refused when it is too small for ``policy``."""
+    images = decode_split(artifact, data_root, split)
+    check_sample(int(images.labels.sum()), int((images.labels == 0).sum()), policy, f"{data_root} ({split})")
+    return images
+
+
 def calibrate_artifact(
     model_uri: str,
     data_root: str,
@@ -125,41 +174,21 @@ def calibrate_artifact(
 ) -> dict[str, Any]:
     """Choose the site threshold on ``split`` of ``data_root`` and write the calibrated artifact to ``out_uri``.
 
-    Also writes ``evaluation/site/`` (metrics at the site threshold, plots) and ``predictions.csv``
-    into the new artifact. Returns its ``site_calibration`` record. An artifact that was calibrated
-    before is calibrated afresh from its model's own probabilities.
+    The new artifact holds the same ``model.keras`` plus ``evaluation/site/`` (see :func:`site_record`).
+    Returns its ``site_calibration`` record. An artifact that was calibrated before is calibrated
+    afresh from its model's own probabilities.
     """
     artifact = load_artifact(model_uri)
     artifact.meta = {key: value for key, value in artifact.meta.items() if key != SITE_KEY}
-    images = decode_split(artifact, data_root, split)
-    labels, patients = images.labels, images.rows["patient_id"].tolist()
-    check_sample(int(labels.sum()), int((labels == 0).sum()), policy, f"{data_root} ({split})")
+    images = site_sample(artifact, data_root, split, policy)
     raw = artifact.predict_proba(images.images)
-    platt = platt_record(labels, raw, np.asarray(patients)) if recalibrate else None
+    platt = platt_record(images.labels, raw, images.rows["patient_id"].to_numpy()) if recalibrate else None
     probs = raw if platt is None else platt_scale(raw, platt["a"], platt["b"])
-    threshold = choose_threshold(labels, probs, policy)
-    at_site = evaluate_predictions(
-        labels, probs, threshold, storage.join(out_uri, "evaluation", "site"),
-        subtypes=images.rows["subtype"].tolist(), title=f"{artifact.name} — site sample, site threshold",
-        n_bootstrap=n_bootstrap, groups=patients, extra={"threshold_source": "site"},
+    record = site_record(
+        images, probs, raw, float(artifact.meta["threshold"]), policy, out_uri, (data_root, split),
+        f"{artifact.name} — site sample, site threshold", n_bootstrap,
     )  # fmt: skip
-    training_threshold = float(artifact.meta["threshold"])
-    at_training = compute_metrics(labels, raw, training_threshold, n_bootstrap=n_bootstrap, groups=patients)
-    record = {
-        "threshold": threshold,
-        "policy": policy.model_dump(mode="json"),
-        "training_threshold": training_threshold,
-        "sample": {
-            "root": data_root, "split": split, "manifest_digest": manifest_digest(images.rows),
-            "n": len(labels), "n_positive": int(labels.sum()), "n_negative": int((labels == 0).sum()),
-            "n_patients": len(set(patients)), "unreadable": len(images.failures),
-        },
-        "at_site_threshold": _summary(at_site),
-        "at_training_threshold": _summary(at_training),
-        **({"platt": platt} if platt else {}),
-        "source": {"uri": str(model_uri), "name": artifact.name, "version": artifact.version},
-        "calibrated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }  # fmt: skip
+    record.update({"platt": platt} if platt else {})
+    record["source"] = {"uri": str(model_uri), "name": artifact.name, "version": artifact.version}
     derive_artifact(artifact, {**artifact.meta, SITE_KEY: record}, out_uri)
-    write_predictions(images, probs, threshold, storage.join(out_uri, "evaluation", "site", "predictions.csv"))
     return record
