@@ -4,12 +4,14 @@ from pneumonet.config import dump_config, load_config
 from pneumonet.errors import ConfigError
 
 
-def test_defaults_and_typed_overrides():
-    config = load_config(None, ["train.epochs=3", "model.backbone=ResNet50V2", "train.learning_rate=1e-4"])
-    assert config.train.epochs == 3
-    assert config.model.backbone == "ResNet50V2"
-    assert config.train.learning_rate == pytest.approx(1e-4)
-    assert config.model.weights == "imagenet"
+def test_overrides_change_exactly_their_keys_with_their_types():
+    config = load_config(None, ["train.epochs=3", "model.backbone=ResNet50V2", "train.learning_rate=1e-4",
+                                "model.custom_filters=[8, 16]", "train.cache_features=false"])  # fmt: skip
+    expected = load_config().model_dump()
+    expected["train"].update(epochs=3, learning_rate=1e-4, cache_features=False)
+    expected["model"].update(backbone="ResNet50V2", custom_filters=[8, 16])
+    assert config.model_dump() == expected  # every other key keeps its default
+    assert type(config.train.learning_rate) is float and config.train.cache_features is False  # YAML reads 1e-4 as text
 
 
 def test_yaml_file_then_overrides_win(tmp_path):

@@ -114,7 +114,7 @@ def test_left_half_model_is_explained_on_the_left() -> None:
 
 def test_transfer_model_from_pneumonet_models(tmp_path) -> None:
     """The real builders, and a saved-and-reloaded transfer model (what serving explains) gives the same map."""
-    models = pytest.importorskip("pneumonet.models")
+    from pneumonet import models
     from pneumonet.config import ModelConfig
 
     cfg = ModelConfig(image_size=S, backbone="MobileNetV2", weights="none", head_units=8)

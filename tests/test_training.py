@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, TINY_MODEL
+from conftest import REPO, TINY_MODEL, _free_port
 
 from pneumonet import storage
 from pneumonet.artifact import build_metadata, load_artifact, save_artifact
@@ -164,7 +166,11 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_state(tmp_path):
 def test_mixed_float16_trains_with_loss_scaling_and_exports_float32(data):
     from pneumonet.training.worker import _export, precision_policy
 
-    assert precision_policy("auto") == "float32"  # no GPU here: CPU runs stay float32
+    with pytest.MonkeyPatch.context() as patch:  # both answers of "auto", on any machine
+        patch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+        assert precision_policy("auto") == "float32"  # CPU runs stay float32
+        patch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+        assert precision_policy("auto") == "mixed_float16"
     assert precision_policy("off") == "float32" and precision_policy("mixed_bfloat16") == "mixed_bfloat16"
     config = load_config(None, TINY)
     keras.config.set_dtype_policy("mixed_float16")
@@ -191,6 +197,38 @@ def test_gather_and_digest_are_trivial_in_one_process():
     np.testing.assert_array_equal(loop.gather_rows(strategy, rows), rows)
     assert loop.worker_position(strategy) == (0, 1)
     assert loop.weights_digest(_toy(0)) == loop.weights_digest(_toy(0)) != loop.weights_digest(_toy(1))
+
+
+GATHER_WORKER = """
+import json, os, sys
+import numpy as np
+import tensorflow as tf
+from pneumonet.training import loop
+
+strategy = tf.distribute.MultiWorkerMirroredStrategy()
+rank = int(sys.argv[1])
+rows = np.arange(rank * 100, rank * 100 + 3 * (1 - rank) + 2 * rank, dtype=float).reshape(-1, 1) * [1, -1]
+print(json.dumps({"position": loop.worker_position(strategy), "rows": loop.gather_rows(strategy, rows).tolist(),
+                  "min": loop.agree_min(strategy, 7 - rank), "sum": loop.all_sum(strategy, np.array([rank + 1.0])).tolist()}))
+"""
+
+
+def test_gather_rows_across_two_workers_keeps_worker_order_and_uneven_shards(tmp_path):
+    """Two real TensorFlow workers (MultiWorkerMirroredStrategy on 127.0.0.1): 3 rows and 2 rows."""
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_WORKER)
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": rank}}),
+               "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, str(script), str(rank)], env=env, stdout=subprocess.PIPE, text=True))
+    outputs = [json.loads(proc.communicate(timeout=300)[0].strip().splitlines()[-1]) for proc in procs]
+    expected = [[0.0, -0.0], [1.0, -1.0], [2.0, -2.0], [100.0, -100.0], [101.0, -101.0]]
+    for rank, output in enumerate(outputs):
+        assert output["position"] == [rank, 2]
+        assert output["rows"] == expected and output["min"] == 6 and output["sum"] == [3.0]
 
 
 def test_pneumonet_train_end_to_end(synthetic_root, tmp_path, capsys):
