@@ -5,6 +5,9 @@ An artifact is a folder or ``s3://`` prefix with two files:
 - ``model.keras``: the whole Keras model; it takes (N, S, S, 1) float32 pixels in [0, 255] and does its
   own normalisation, so nothing else is needed to score.
 - ``pneumonet.json``: metadata (input contract, threshold, class names, metrics, config, versions).
+- optionally ``drift_reference.npz``: what later inputs are compared with (:mod:`pneumonet.evaluation.drift`),
+  described under ``drift_reference`` in ``pneumonet.json`` with its SHA-256; artifacts made before it
+  existed have none and are scored without drift checks.
 
 ``pneumonet.json`` is written last and removed first when an artifact is overwritten, so a folder
 whose upload was interrupted is never loadable. ``version`` is the first 12 hex digits of the
@@ -31,6 +34,8 @@ import pneumonet
 from pneumonet import storage
 from pneumonet.artifact_meta import (  # noqa: F401  (re-exported: the artifact's file names and contract)
     CLASS_NAMES,
+    DRIFT_FILE,
+    DRIFT_KEY,
     FORMAT_VERSION,
     INPUT_CONTRACT,
     META_FILE,
@@ -42,6 +47,7 @@ from pneumonet.artifact_meta import (  # noqa: F401  (re-exported: the artifact'
 )
 from pneumonet.config import Config
 from pneumonet.errors import ArtifactError, StorageError
+from pneumonet.models.embedding import with_embedding
 from pneumonet.models.layers import preprocess_module  # importing it also registers the layers load_model needs
 
 
@@ -61,6 +67,7 @@ class Artifact:
     meta: dict[str, Any]
     uri: str
     _forward: Any = field(init=False, repr=False)
+    _forward_embedded: Any = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         size = self.image_size
@@ -98,21 +105,45 @@ class Artifact:
     def version(self) -> str:
         return str(self.meta["version"])
 
-    def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """P(PNEUMONIA) for decoded images (N, S, S, 1) uint8, as a float32 array of shape (N,)."""
+    def _batches(self, images: np.ndarray, batch_size: int) -> range:
         size = self.image_size
-        images = np.asarray(images)
         if images.ndim != 4 or images.shape[1:] != (size, size, 1):
             raise ValueError(f"artifact {self.name} expects images of shape (N, {size}, {size}, 1), got {images.shape}")
         if images.dtype != np.uint8:
             raise ValueError(f"artifact {self.name} expects uint8 images (from the shared decoder), got {images.dtype}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        starts = range(0, len(images), batch_size)
-        parts = [self._forward(images[start : start + batch_size]).numpy() for start in starts]
-        probs = np.concatenate(parts) if parts else np.empty((0,), np.float32)
+        return range(0, len(images), batch_size)
+
+    def calibrated(self, raw: np.ndarray) -> np.ndarray:
+        """The model's own probabilities as the artifact reports them (a site's Platt map applied, if any)."""
         platt = (self.meta.get(SITE_KEY) or {}).get("platt")
-        return probs if platt is None else platt_scale(probs, platt["a"], platt["b"])
+        return raw if platt is None else platt_scale(raw, platt["a"], platt["b"])
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """P(PNEUMONIA) for decoded images (N, S, S, 1) uint8, as a float32 array of shape (N,)."""
+        images = np.asarray(images)
+        parts = [self._forward(images[start : start + batch_size]).numpy() for start in self._batches(images, batch_size)]
+        return self.calibrated(np.concatenate(parts) if parts else np.empty((0,), np.float32))
+
+    def predict_with_embeddings(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """The model's raw P(PNEUMONIA) (N,) (no site map: the drift reference holds raw scores) and its
+        penultimate-layer embeddings (N, D) float32, from one forward pass."""
+        images = np.asarray(images)
+        if self._forward_embedded is None:
+            both = with_embedding(self.model)
+            size = self.image_size
+
+            @tf.function(input_signature=[tf.TensorSpec((None, size, size, 1), tf.uint8)])
+            def forward(batch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+                probs, embeddings = both(tf.cast(batch, tf.float32), training=False)
+                return tf.reshape(tf.cast(probs, tf.float32), [-1]), tf.cast(embeddings, tf.float32)
+
+            self._forward_embedded = forward
+        parts = [self._forward_embedded(images[start : start + batch_size]) for start in self._batches(images, batch_size)]
+        if not parts:
+            return np.empty((0,), np.float32), np.empty((0, 0), np.float32)
+        return np.concatenate([p.numpy() for p, _ in parts]), np.concatenate([e.numpy() for _, e in parts])
 
 
 def platt_scale(probs: np.ndarray, a: float, b: float) -> np.ndarray:
@@ -134,15 +165,18 @@ def elsewhere(source: Artifact, uri: str) -> str:
     return uri
 
 
-def _write(uri: str, model_bytes: bytes, meta: dict[str, Any]) -> None:
-    """``pneumonet.json`` removed first and written last, so an interrupted write is never loadable."""
+def _write(uri: str, model_bytes: bytes, meta: dict[str, Any], files: dict[str, bytes] | None = None) -> None:
+    """``pneumonet.json`` removed first and written last, so an interrupted write is never loadable;
+    ``files`` (name → bytes: the drift reference) are written before it too."""
     storage.delete(storage.join(uri, META_FILE))
     storage.write_bytes(storage.join(uri, MODEL_FILE), model_bytes)
+    for name, data in (files or {}).items():
+        storage.write_bytes(storage.join(uri, name), data)
     storage.write_text(storage.join(uri, META_FILE), json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def save_artifact(model: keras.Model, meta: dict[str, Any], uri: str) -> str:
-    """Write ``model`` and ``meta`` (plus ``version`` and, if absent, ``name``) to a folder or prefix.
+def save_artifact(model: keras.Model, meta: dict[str, Any], uri: str, files: dict[str, bytes] | None = None) -> str:
+    """Write ``model``, ``files`` and ``meta`` (plus ``version`` and, if absent, ``name``) to a folder or prefix.
 
     Returns the artifact URI (an absolute path when local).
     """
@@ -153,17 +187,21 @@ def save_artifact(model: keras.Model, meta: dict[str, Any], uri: str) -> str:
         model.save(model_path)
         meta["version"] = _digest(model_path)
         meta.setdefault("name", f"pneumonet-{meta.get('variant', model.name)}-{meta['version']}")
-        _write(uri, model_path.read_bytes(), meta)
+        _write(uri, model_path.read_bytes(), meta, files)
     return uri
 
 
-def derive_artifact(artifact: Artifact, meta: dict[str, Any], uri: str) -> str:
+def derive_artifact(artifact: Artifact, meta: dict[str, Any], uri: str, files: dict[str, bytes] | None = None) -> str:
     """A new artifact at ``uri`` with the very same ``model.keras`` bytes (so the same version) and ``meta``.
 
-    Used by calibration: the weights do not change, only what is known about them. Returns the URI.
+    Used by calibration and ``drift-reference``: the weights do not change, only what is known about
+    them. A drift reference that ``meta`` keeps is copied along unless ``files`` replaces it. Returns the URI.
     """
     uri = elsewhere(artifact, uri)
-    _write(uri, storage.read_bytes(storage.join(artifact.uri, MODEL_FILE)), {**meta, "version": artifact.version})
+    files = dict(files or {})
+    if DRIFT_KEY in meta and DRIFT_FILE not in files:
+        files[DRIFT_FILE] = storage.read_bytes(storage.join(artifact.uri, DRIFT_FILE))
+    _write(uri, storage.read_bytes(storage.join(artifact.uri, MODEL_FILE)), {**meta, "version": artifact.version}, files)
     return uri
 
 

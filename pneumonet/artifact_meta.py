@@ -21,6 +21,9 @@ FORMAT_VERSION = 1
 CLASS_NAMES = ["NORMAL", "PNEUMONIA"]
 REQUIRED_KEYS = ("format_version", "variant", "image_size", "threshold", "class_names", "version", "name")
 SITE_KEY = "site_calibration"
+# The drift reference (pneumonet.evaluation.drift): a file beside the model, described under this key.
+DRIFT_KEY = "drift_reference"
+DRIFT_FILE = "drift_reference.npz"
 INPUT_CONTRACT = {"channels": 1, "dtype": "uint8", "resize": "bilinear", "color": "grayscale", "range": [0, 255]}
 
 

@@ -148,6 +148,21 @@ def _add_site_arguments(parser: argparse.ArgumentParser, writes: str) -> None:
     policy.add_argument("--policy", choices=("youden",), help="maximise sensitivity + specificity instead")
 
 
+def cmd_drift_reference(args: argparse.Namespace) -> None:
+    from pneumonet.artifact_meta import read_metadata
+    from pneumonet.config import load_config
+    from pneumonet.evaluation.reference import add_reference
+    from pneumonet.registry import resolve_model
+
+    base = None if args.config else read_metadata(resolve_model(args.model).uri).get("config")
+    record = add_reference(args.model, args.data, args.out, load_config(args.config, args.overrides, base=base))
+    ood = record["ood"]
+    print(f"drift reference: {record['n_images']} validation images of {record['n_patients']} patients, "
+          f"{record['n_vectors']} embeddings ({record['embedding_dim']} dimensions, {record['pca_components']} principal "
+          f"components, {record['explained_variance_ratio']:.0%} of the variance); out of distribution beyond "
+          f"{ood['threshold']:.1f} ({ood['held_out_flagged']:.1%} of held-out reference images) → {args.out}")  # fmt: skip
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from pneumonet.errors import ConfigError
     from pneumonet.scoring.predict import predict_files
@@ -260,6 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--seed", type=int, default=0, help="folds, shuffling and dropout (default 0)")
     add_overrides(adapt, "adapt.epochs=8 adapt.learning_rate=5e-5 adapt.folds=5")
     adapt.set_defaults(func=cmd_adapt)
+
+    reference = _command(
+        commands, "drift-reference", "add a drift reference (validation scores and embeddings) to an artifact; writes a new one",
+        "pneumonet drift-reference --model runs/custom --data ../shared/data/chest-xray-224 --out runs/custom-drift",
+        "pneumonet drift-reference --model runs/custom --data DATA --out OUT drift.ood_quantile=0.995",
+    )  # fmt: skip
+    reference.add_argument("--model", required=True, help="model artifact folder or s3:// prefix (with its saved manifest)")
+    reference.add_argument("--data", required=True, help="the dataset the model was trained on (its validation patients are used)")
+    reference.add_argument("--out", required=True, help="where the new artifact goes (not the source)")
+    add_overrides(reference, "drift.pca_components=16 (the drift and data sections; default: the model's config)")
+    reference.set_defaults(func=cmd_drift_reference)
 
     predict = _command(commands, "predict", "score a few image files",
                        "pneumonet predict --model pneumonet-demo/models/custom chest1.jpeg chest2.dcm",

@@ -186,6 +186,23 @@ class ServeConfig(_Strict):
     auth_token_env: str = Field("PNEUMONET_API_TOKEN", description="Env var holding the bearer token; unset: no auth.")
 
 
+class DriftConfig(_Strict):
+    """Drift and out-of-distribution alarms (``pneumonet.evaluation.drift``): how the reference is built
+    (training, ``pneumonet drift-reference``) and how windows of new images are tested against it."""
+
+    max_vectors: int = Field(2000, ge=20, description="Reference embeddings kept (a patient-grouped sample of the validation images).")
+    pca_components: int = Field(16, ge=1, description="Principal components of the reference embeddings (the rest is one noise variance).")
+    ood_quantile: float = Field(
+        0.99, gt=0.5, lt=1.0, description="An image is out of distribution beyond this quantile of held-out reference distances."
+    )
+    alpha: float = Field(0.01, gt=0.0, lt=0.5, description="Family-wise error rate of the window tests (Holm-corrected).")
+    permutations: int = Field(1000, ge=100, description="Permutations of the MMD test (its smallest p-value is 1/(permutations+1)).")
+    min_images: int = Field(50, ge=10, description="Fewer scored images in a window: no verdict ('insufficient data').")
+    sample: int = Field(1000, ge=10, description="Batch scoring: the tests run on a uniform sample of at most this many images.")
+    window: int = Field(500, ge=10, description="Endpoint: the most recent images each replica tests (a bounded window).")
+    check_every: int = Field(50, ge=1, description="Endpoint: re-test the window after this many new images (log + metric on a turn).")
+
+
 class Config(_Strict):
     """The whole configuration; every command reads the parts it needs."""
 
@@ -198,6 +215,7 @@ class Config(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     score: ScoreConfig = ScoreConfig()
     serve: ServeConfig = ServeConfig()
+    drift: DriftConfig = DriftConfig()
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

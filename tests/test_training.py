@@ -345,3 +345,21 @@ def test_a_run_json_with_an_invalid_config_is_a_clear_error(tmp_path):
     layout = RunLayout(str(tmp_path), "r1")
     with pytest.raises(ConfigError, match=r"^cannot resume run r1: the config in .*run\.json is not valid \(1 errors"):
         _check_resumable(load_config(), {"data_root": "/d", "config": {"seed": "forty-two"}}, layout)
+
+
+def test_finish_stores_a_drift_reference_of_the_validation_patients(data, tmp_path):
+    from pneumonet.evaluation.drift import read_reference
+    from pneumonet.training.variants import finish
+
+    config = load_config(None, TINY)
+    model, state = train_stage("custom", config, data)
+    uri = str(tmp_path / "artifact")
+    finish("custom", model, state, config, data, uri)
+
+    artifact = load_artifact(uri)
+    record = artifact.meta["drift_reference"]
+    assert (record["n_images"], record["n_patients"]) == (len(data.val.labels), data.val.rows["patient_id"].nunique())
+    ref = read_reference(uri, artifact.meta)
+    raw, embeddings = artifact.predict_with_embeddings(data.val.images)
+    np.testing.assert_allclose(ref.scores, raw, atol=1e-5)  # the validation images' own scores, in order
+    assert ref.projected.shape == (len(raw), record["pca_components"]) and embeddings.shape[1] == record["embedding_dim"]

@@ -33,7 +33,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from pneumonet import storage
 from pneumonet.artifact import Artifact, elsewhere, load_artifact, save_artifact
-from pneumonet.artifact_meta import SITE_KEY
+from pneumonet.artifact_meta import DRIFT_KEY, SITE_KEY
 from pneumonet.config import AdaptConfig, Config, ThresholdConfig
 from pneumonet.errors import ConfigError, DataError
 from pneumonet.evaluation.calibrate import site_record, site_sample
@@ -114,7 +114,8 @@ def adapt_artifact(
             "calibrate the others on the site sample (pneumonet calibrate)"
         )
     out_uri = elsewhere(source, out_uri)
-    source.meta = {key: value for key, value in source.meta.items() if key not in (SITE_KEY, ADAPT_KEY)}
+    # A drift reference describes the source's weights, not the fine-tuned ones: the new version has none.
+    source.meta = {key: value for key, value in source.meta.items() if key not in (SITE_KEY, ADAPT_KEY, DRIFT_KEY)}
     trained_with = Config.model_validate(source.meta["config"])
     images = site_sample(source, data_root, split, policy)
     x, labels, patients = images.images, images.labels, images.rows["patient_id"].astype(str).to_numpy()

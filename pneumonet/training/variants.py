@@ -23,16 +23,18 @@ import pandas as pd
 import tensorflow as tf
 
 from pneumonet import storage
-from pneumonet.artifact import build_metadata, load_artifact, save_artifact
+from pneumonet.artifact import DRIFT_KEY, build_metadata, load_artifact, save_artifact
 from pneumonet.config import Config, Variant
 from pneumonet.data.catalog import labels_of, manifest_digest, require_classes, scan, shared_patients
 from pneumonet.data.pipeline import ImageSet, limit_per_class, load_image_set
 from pneumonet.data.split import assign_validation
 from pneumonet.errors import DataError
 from pneumonet.evaluation import evaluate_predictions
+from pneumonet.evaluation.drift import build_reference, reference_files
 from pneumonet.evaluation.metrics import choose_threshold
 from pneumonet.evaluation.plots import plot_training_curves
 from pneumonet.models import build_model, member_outputs
+from pneumonet.models.embedding import embedding_model
 from pneumonet.models.transfer import build_transfer, unfreeze_tail
 from pneumonet.training.loop import (
     EpochHook,
@@ -242,6 +244,21 @@ def _write_png(render, uri: str, *args) -> None:
         storage.write_bytes(uri, path.read_bytes())
 
 
+def drift_reference(model: keras.Model, probs: np.ndarray, images: ImageSet, config: Config) -> tuple[dict, dict[str, bytes]]:
+    """The drift reference of ``images`` (the validation split) for ``pneumonet.json`` and its file; none
+    (with a warning) when the split is too small to hold one out five ways."""
+    embeddings = predict_batches(embedding_model(model), images.images, config.train.batch_size)
+    try:
+        ref, record = build_reference(probs, embeddings, images.rows["patient_id"].to_numpy(), config.drift, config.seed)
+    except ValueError as exc:
+        log.warning("no drift reference in this artifact: %s", exc)
+        return {}, {}
+    record, files = reference_files(ref, record)
+    log.info("drift reference: %d images of %d patients, %d embeddings of %d dimensions in %d principal components",
+             record["n_images"], record["n_patients"], record["n_vectors"], record["embedding_dim"], record["pca_components"])  # fmt: skip
+    return {DRIFT_KEY: record}, files
+
+
 def finish(
     variant: Variant,
     model: keras.Model,
@@ -252,7 +269,8 @@ def finish(
     run: TrackingRun | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict:
-    """Threshold on validation, save the artifact with its curves, evaluate on test; return a summary.
+    """Threshold and drift reference on validation, save the artifact with its curves, evaluate on test;
+    return a summary.
 
     ``run`` (W&B) gets the final metrics, curves and plots; ``extra`` adds keys to ``pneumonet.json``.
     """
@@ -263,6 +281,7 @@ def finish(
         data.val.labels, val_probs, threshold, val_uri,
         subtypes=data.val.rows["subtype"].tolist(), title=f"{variant} — validation",
     )  # fmt: skip
+    reference, files = drift_reference(model, val_probs, data.val, config)
     meta = build_metadata(
         variant=variant,
         config=config,
@@ -272,9 +291,9 @@ def finish(
         history=state.history,
         extra={"best_epoch": state.best_epoch, "epochs_run": state.epoch, "data_root": data.root,
                "selected_epoch": state.epoch if config.train.select == "last" else state.best_epoch,
-               "selection": config.train.select, **(extra or {})},  # fmt: skip
+               "selection": config.train.select, **reference, **(extra or {})},  # fmt: skip
     )
-    save_artifact(model, meta, artifact_uri)
+    save_artifact(model, meta, artifact_uri, files)
     storage.write_text(storage.join(artifact_uri, "history.json"), json.dumps(state.history, indent=2))
     curves_uri = storage.join(artifact_uri, "training_curves.png")
     _write_png(plot_training_curves, curves_uri, state.history)

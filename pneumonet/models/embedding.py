@@ -1,0 +1,42 @@
+"""The penultimate-layer embedding of every variant: what the drift reference summarises.
+
+The embedding is the input of the final ``probability`` layer, the features the decision is made
+from: the dense layer of the custom CNN, the head's hidden layer of transfer/finetune, and for an
+ensemble the members' embeddings side by side. :func:`with_embedding` returns one model with both
+outputs, sharing every weight, so scoring gets the score and the embedding from a single forward pass.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+PROBABILITY = "probability"
+
+
+def _embedding(model: keras.Model, x):
+    """The symbolic embedding of ``model`` applied to ``x``."""
+    last = model.layers[-1]
+    if isinstance(last, layers.Dense) and last.name == PROBABILITY:  # one network
+        return keras.Model(model.input, last.input, name=f"{model.name}_embedding")(x)
+    if isinstance(last, layers.Average) and last.name == PROBABILITY:  # an ensemble of member networks
+        members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+        return layers.Concatenate(name=f"{model.name}_embeddings")([_embedding(member, x) for member in members])
+    if isinstance(last, keras.Model):  # a chain of sub-models: features, then the head
+        for layer in model.layers[1:-1]:
+            x = layer(x)
+        return _embedding(last, x)
+    raise ValueError(f"model {model.name!r} ends in {type(last).__name__} {last.name!r}, not a '{PROBABILITY}' layer: "
+                     "no penultimate embedding is known for it")  # fmt: skip
+
+
+def embedding_model(model: keras.Model) -> keras.Model:
+    """``model``'s penultimate embedding (N, D) as a model of its own (shares every weight)."""
+    image = keras.Input(model.input_shape[1:], name="image")
+    return keras.Model(image, _embedding(model, image), name=f"{model.name}_embedding")
+
+
+def with_embedding(model: keras.Model) -> keras.Model:
+    """``model`` with two outputs: its probability (N, 1) and its penultimate embedding (N, D)."""
+    image = keras.Input(model.input_shape[1:], name="image")
+    return keras.Model(image, [model(image), _embedding(model, image)], name=f"{model.name}_with_embedding")
