@@ -35,6 +35,10 @@ class DataConfig(_Strict):
     max_image_bytes: int = Field(
         64 * 2**20, gt=0, description="Refuse image files larger than this many bytes, from their size, before reading them."
     )
+    max_decode_seconds: float | None = Field(
+        30.0, gt=0, description="Batch scoring and the endpoint decode each file in a child process, killed after this "
+        "many seconds (the file is refused); null decodes in the calling process, without a time limit.",
+    )
     decode_workers: int = Field(8, ge=1, description="Threads that decode images in parallel.")
     limit_per_class: int | None = Field(None, ge=1, description="Use at most this many images per class and split.")
 
@@ -183,7 +187,12 @@ class ServeConfig(_Strict):
         0.5, gt=0.0, description="A request whose image cannot start its model call this soon after reaching a replica gets 503."
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) of every 503 the endpoint sends when overloaded.")
+    request_timeout_s: float = Field(
+        30.0, gt=0.0, description="A scoring request not answered this long after reaching a replica (a body sent too "
+        "slowly, decoding, waiting, Grad-CAM) gets 408; the proxy's http_options.request_timeout_s backs it up.",
+    )
     auth_token_env: str = Field("PNEUMONET_API_TOKEN", description="Env var holding the bearer token; unset: no auth.")
+    decode_processes: int = Field(2, ge=1, description="Child processes per replica that decode uploads (data.max_decode_seconds).")
 
 
 class DriftConfig(_Strict):

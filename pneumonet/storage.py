@@ -170,7 +170,8 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
             data = file.read(max_bytes + 1)  # bounded even if the file grew since
             size = len(data)
     if size > max_bytes:
-        raise StorageError(f"{uri}: file is {size} bytes, over the limit of {max_bytes} (data.max_image_bytes); not read")
+        raise StorageError(f"{uri}: file is {size} bytes, over the limit of {max_bytes} (data.max_image_bytes); not read",
+                           kind="over_byte_limit")  # fmt: skip
     return data
 
 

@@ -699,6 +699,15 @@ def secret_data(doc: dict[str, Any]) -> dict[str, str]:
     return data
 
 
+def request_timeout_problems(config: dict[str, Any], request_timeout_s: float, where: str) -> list[str]:
+    """The proxy's http_options.request_timeout_s is set, and above the replica's serve.request_timeout_s
+    (which answers first, with its reason; the proxy's is the backstop a request header can lift)."""
+    proxy = (config.get("http_options") or {}).get("request_timeout_s")
+    if proxy is None or not proxy > request_timeout_s:
+        return [f"{where}: http_options.request_timeout_s {proxy} must be set and above serve.request_timeout_s {request_timeout_s}"]
+    return []
+
+
 def overload_problems(deployment: dict[str, Any], max_batch_size: int, where: str) -> list[str]:
     """The PneumonetModel deployment's queue bounds and autoscaling follow one signal (online.py):
     a bounded proxy queue, room in the replica for two batches and its admitted queue, and a scaling

@@ -10,9 +10,12 @@ import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hostile import many_scans_jpeg
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
@@ -45,6 +49,7 @@ SIZE = 32
 MODEL_OVERRIDES = [f"model.image_size={SIZE}", "model.custom_filters=[8,16]", "model.custom_dense_units=8"]
 RUN_OVERRIDES = ["score.batch_size=8", "score.rows_per_file=16", "tracking.mode=disabled"]
 BAD = {"truncated.jpg": "truncated", "zero.png": "empty file", "notes.txt": "not an image file", "fake.png": "not a recognised"}
+BAD_KINDS = {"truncated.jpg": "corrupt", "zero.png": "empty", "notes.txt": "not_image", "fake.png": "unknown_format"}
 
 
 def encode(img: Image.Image, fmt: str) -> bytes:
@@ -157,7 +162,9 @@ def test_every_file_scored_once_errors_recorded_probabilities_exact(archive: Pat
     assert sorted(Path(uri).name for uri in errors.index) == sorted(BAD)
     for uri, message in errors.items():
         assert BAD[Path(uri).name] in message and uri in message
+        assert frame.loc[uri, "error_kind"] == BAD_KINDS[Path(uri).name]
         assert pd.isna(frame.loc[uri, "probability"]) and pd.isna(frame.loc[uri, "prediction"])
+    assert frame.loc[frame["error"].isna(), "error_kind"].isna().all()
     good = frame[frame["error"].isna()]
     assert len(good) == len(inputs) - len(BAD)
     expected = artifact.predict_proba(decoded(list(good.index)))
@@ -172,6 +179,7 @@ def test_every_file_scored_once_errors_recorded_probabilities_exact(archive: Pat
     on_disk = json.loads(Path(output, SUMMARY_FILE).read_text())
     assert on_disk["files"] == len(inputs) and on_disk["scored"] == len(good) and on_disk["failures"] == len(BAD)
     assert on_disk["missing"] == 0 and on_disk["duplicate_rows"] == 0 and len(on_disk["failure_examples"]) == len(BAD)
+    assert on_disk["failures_by_kind"] == dict(sorted(Counter(BAD_KINDS.values()).items()))
     assert on_disk["predictions"] == good["prediction"].value_counts().to_dict()
     assert sum(on_disk["probability"]["histogram"]["counts"]) == len(good)
     for q in (0.05, 0.5, 0.95):  # from a histogram of 20,000 bins: within one bin width
@@ -190,6 +198,104 @@ def test_every_file_scored_once_errors_recorded_probabilities_exact(archive: Pat
     runs = [p for p in Path(output, "_tracking").rglob("offline-run-*") if p.is_dir()]
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert len(pd.read_parquet(output)) == len(inputs)
+
+
+def header_only_png(width: int, height: int) -> bytes:
+    """A PNG that declares a huge image and carries no pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def hostile_files(rng: np.random.Generator) -> dict[str, tuple[bytes, str]]:
+    """Every kind of bad file an archive holds: relative path -> (bytes, the error_kind its row must have)."""
+    gray = Image.fromarray(rng.integers(0, 256, (40, 48), dtype=np.uint8))
+    no_pixels = Dataset()
+    no_pixels.file_meta = FileMetaDataset()
+    no_pixels.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    no_pixels.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    no_pixels.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    no_pixels.Modality, no_pixels.PatientID = "SR", "P1"  # a structured report: no image in it
+    buffer = io.BytesIO()
+    no_pixels.save_as(buffer, enforce_file_format=True)
+    return {
+        "bad/truncated.jpeg": (encode(gray, "JPEG")[:300], "corrupt"),
+        "bad/garbled.jpeg": (b"\xff\xd8\xff" + rng.integers(0, 256, 500, dtype=np.uint8).tobytes(), "corrupt"),
+        "bad/empty.jpeg": (b"", "empty"),
+        "bad/readme.txt": (b"not an image", "not_image"),
+        "bad/text.png": (b"hello, I am text", "unknown_format"),
+        "bad/scan.gif": (encode(gray, "GIF"), "unknown_format"),
+        "bad/bomb.png": (header_only_png(100_000, 100_000), "over_pixel_limit"),
+        "bad/huge.png": (encode(Image.fromarray(rng.integers(0, 256, (600, 600), dtype=np.uint8)), "PNG"), "over_byte_limit"),
+        "bad/scans.jpeg": (many_scans_jpeg(scans=20_000), "decode_timeout"),  # 200 KB, 20-60 s to decode here
+        "bad/report.dcm": (buffer.getvalue(), "unsupported"),
+        "bad/lab.tif": (encode(Image.new("LAB", (20, 20)), "TIFF"), "unsupported"),
+        "bad/nan.tif": (encode(Image.fromarray(np.full((20, 20), np.nan, np.float32)), "TIFF"), "non_finite"),
+    }
+
+
+def odd_good_files(rng: np.random.Generator) -> dict[str, bytes]:
+    """Files that look wrong but are images: each must be scored."""
+    gray = rng.integers(0, 256, (40, 48), dtype=np.uint8)
+    deep = rng.integers(0, 4096, (36, 36), dtype=np.uint16)
+    return {
+        "odd/gray16.png": encode(Image.fromarray(deep), "PNG"),
+        "odd/rgba.png": encode(Image.fromarray(rng.integers(0, 256, (20, 24, 4), dtype=np.uint8)), "PNG"),
+        "odd/gray.png": encode(Image.fromarray(gray), "PNG"),
+        "odd/rgb.jpg": encode(Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)), "JPEG"),
+        "odd/png-named.jpeg": encode(Image.fromarray(gray), "PNG"),  # a wrong extension: decoded by content
+        "odd/dicom-named.png": dicom(deep),
+        "odd/1.2.840.113619.2.55.3": dicom(deep),  # DICOM archives often have numeric names
+    }
+
+
+@pytest.fixture(scope="module")
+def hostile_archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """About 5 % bad files among synthetic X-rays and odd-but-good ones; returns the root and the
+    bad files' expected error kinds by path."""
+    from pneumonet.data.synthetic import synthesize_dataset
+
+    rng = np.random.default_rng(5)
+    root = synthesize_dataset(tmp_path_factory.mktemp("hostile"), n=200, size=48, seed=4)
+    bad = hostile_files(rng)
+    write_files(root, {**odd_good_files(rng), **{name: data for name, (data, _) in bad.items()}})
+    return root, {str(root / name): kind for name, (_, kind) in bad.items()}
+
+
+def test_an_archive_seeded_with_every_bad_kind_scores_every_good_file_and_counts_failures_by_kind(
+    hostile_archive: tuple[Path, dict[str, str]], model_uri: str, ray_address: str, tmp_path: Path
+) -> None:
+    from pneumonet.scoring.batch import describe
+
+    root, bad = hostile_archive
+    missing = str(root / "bad" / "deleted-after-listing.jpeg")  # in the manifest, gone from storage
+    bad[missing] = "unreadable"
+    inputs = [entry.uri for entry in storage.list_files(str(root))] + [missing]
+    assert 0.04 <= len(bad) / len(inputs) <= 0.07
+    pd.DataFrame({"uri": inputs}).to_csv(tmp_path / "manifest.csv", index=False)
+    output = str(tmp_path / "scores")
+    summary = score_archive(model_uri, str(tmp_path / "manifest.csv"), output, config("data.max_image_bytes=250000", "data.max_decode_seconds=5"))
+
+    frame = read_output(output)
+    check_complete(frame, inputs)  # exactly one row per file
+    frame = frame.set_index("uri")
+    failed = frame[frame["error"].notna()]
+    assert dict(failed["error_kind"]) == bad
+    for uri, message in failed["error"].items():
+        assert message.startswith(f"{uri}: "), message
+    good = frame[frame["error"].isna()]
+    assert len(good) == len(inputs) - len(bad) and good["error_kind"].isna().all()
+    assert good["probability"].notna().all() and good["prediction"].notna().all()
+    odd = [str(root / name) for name in odd_good_files(np.random.default_rng(0))]
+    assert set(odd) <= set(good.index)
+
+    by_kind = dict(sorted(Counter(bad.values()).items()))
+    on_disk = json.loads(Path(output, SUMMARY_FILE).read_text())
+    assert on_disk["failures_by_kind"] == summary["failures_by_kind"] == by_kind
+    assert (on_disk["files"], on_disk["scored"], on_disk["failures"]) == (len(inputs), len(good), len(bad))
+    assert "failed (" + ", ".join(f"{kind} {count}" for kind, count in by_kind.items()) + ")" in describe(summary)
 
 
 def test_an_alias_in_an_s3_registry_is_resolved_once_and_named_in_every_row(
@@ -262,21 +368,25 @@ def test_output_of_another_model_is_not_mixed(archive: Path, model_uri: str, ray
 def test_summary_and_anti_join_count_gaps_and_duplicates(ray_address: str, tmp_path: Path) -> None:
     import ray
 
-    def rows(uris: list[str], probs: list[float | None]) -> pa.Table:
+    def rows(uris: list[str], probs: list[float | None], kind: str = "corrupt") -> pa.Table:
         return pa.table({"uri": uris, "probability": probs, "prediction": ["NORMAL" if p is not None else None for p in probs],
                          "model": ["m:1"] * len(uris), "scored_at": [pd.Timestamp.now(tz="UTC")] * len(uris),
-                         "error": [None if p is not None else "bad" for p in probs]})  # fmt: skip
+                         "error": [None if p is not None else "bad" for p in probs],
+                         "error_kind": [None if p is not None else kind for p in probs]})  # fmt: skip
 
     parts.write_part(str(tmp_path), "part-a-00000.parquet", rows(["a", "b"], [0.1, None]))
     parts.write_part(str(tmp_path), "part-b-00000.parquet", rows(["b", "x"], [0.9, 0.5]))
+    # A part written before rows had error_kind: still read, its error counted as unclassified.
+    pq.write_table(rows(["y", "z"], [None, 0.5]).drop_columns(["error_kind"]), tmp_path / "part-c-00000.parquet")
     summary = summarize_output(str(tmp_path))
-    assert (summary["files"], summary["scored"], summary["failures"], summary["predictions"]) == (4, 3, 1, {"NORMAL": 3})
-    assert summary["probability"]["histogram"]["counts"][2] == 1 and summary["failure_examples"] == ["bad"]
+    assert (summary["files"], summary["scored"], summary["failures"], summary["predictions"]) == (6, 4, 2, {"NORMAL": 4})
+    assert summary["failures_by_kind"] == {"corrupt": 1, "unclassified": 1}
+    assert summary["probability"]["histogram"]["counts"][2] == 1 and summary["failure_examples"] == ["bad", "bad"]
     assert summary["probability"]["quantiles"]["p50"] == pytest.approx(0.5, abs=5e-5)
 
     inputs = ray.data.from_items([{"uri": uri} for uri in ["c", "b", "a", "d", "c"]])
     plan = reconcile(inputs, parts.parts_dataset(str(tmp_path), ["uri", "model"], model="m:1"), partitions=3)
-    assert (plan.inputs, plan.already, plan.todo, plan.repeated_inputs, plan.duplicate_rows, plan.other_rows) == (4, 2, 2, 1, 1, 1)
+    assert (plan.inputs, plan.already, plan.todo, plan.repeated_inputs, plan.duplicate_rows, plan.other_rows) == (4, 2, 2, 1, 1, 3)
     waves = plan.todo_waves(1)
     assert len(waves) == 2 and sorted(pd.concat([wave.to_pandas() for wave in waves])["uri"]) == ["c", "d"]
     assert sorted(plan.inputs_dataset().to_pandas()["uri"]) == ["a", "b", "c", "d"]

@@ -38,6 +38,8 @@ def test_round_trip_through_yaml(tmp_path):
         ("data.val_fraction=0.9", "'data.val_fraction'"),
         ("tracking.mode=sometimes", "'tracking.mode'"),
         ("data.max_image_bytes=0", "'data.max_image_bytes'"),
+        ("data.max_decode_seconds=0", "'data.max_decode_seconds'"),
+        ("serve.request_timeout_s=-1", "'serve.request_timeout_s'"),
         ("nonsense", "key.path=value"),
     ],
 )
@@ -59,3 +61,5 @@ def test_bad_file(tmp_path):
 def test_image_limits_default_and_override():
     assert load_config().data.max_image_bytes == 64 * 2**20
     assert load_config(None, ["data.max_image_bytes=1000000"]).data.max_image_bytes == 1_000_000
+    assert load_config().data.max_decode_seconds == 30.0 and load_config().serve.request_timeout_s == 30.0
+    assert load_config(None, ["data.max_decode_seconds=null"]).data.max_decode_seconds is None  # in-process, no limit

@@ -261,28 +261,29 @@ def _png_bad_crc() -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("make", "source", "reason"),
+    ("make", "source", "reason", "kind"),
     [
-        (lambda: b"", "empty.png", "empty file"),
-        (lambda: _jpeg()[: len(_jpeg()) // 2], "cut.jpeg", "truncated or corrupt image data"),
-        (lambda: _png()[: len(_png()) // 2], "cut.png", "truncated or corrupt image data"),
-        (lambda: _png()[:30], "header.png", "truncated or corrupt image"),
-        (_png_bad_crc, "crc.png", "corrupt image"),
-        (lambda: np.random.default_rng(2).integers(0, 256, 4000, np.uint8).tobytes(), "noise.jpeg", "not a recognised"),
-        (lambda: b"patient,label\n1,PNEUMONIA\n", "labels.csv", "not a recognised image"),
-        (lambda: b"%PDF-1.7\n1 0 obj\n<< /Type /Catalog >>\nendobj\n", "report.pdf", "not a recognised image"),
-        (lambda: encode(Image.new("L", (8, 8)), "GIF"), "anim.gif", "not a recognised image"),
-        (lambda: encode(Image.new("LAB", (8, 8)), "TIFF"), "lab.tif", "unsupported pixel mode 'LAB'"),
-        (lambda: b"\x00" * 200, "junk.dcm", "no pixel data"),
+        (lambda: b"", "empty.png", "empty file", "empty"),
+        (lambda: _jpeg()[: len(_jpeg()) // 2], "cut.jpeg", "truncated or corrupt image data", "corrupt"),
+        (lambda: _png()[: len(_png()) // 2], "cut.png", "truncated or corrupt image data", "corrupt"),
+        (lambda: _png()[:30], "header.png", "truncated or corrupt image", "corrupt"),
+        (_png_bad_crc, "crc.png", "corrupt image", "corrupt"),
+        (lambda: np.random.default_rng(2).integers(0, 256, 4000, np.uint8).tobytes(), "noise.jpeg", "not a recognised", "unknown_format"),
+        (lambda: b"patient,label\n1,PNEUMONIA\n", "labels.csv", "not a recognised image", "unknown_format"),
+        (lambda: b"%PDF-1.7\n1 0 obj\n<< /Type /Catalog >>\nendobj\n", "report.pdf", "not a recognised image", "unknown_format"),
+        (lambda: encode(Image.new("L", (8, 8)), "GIF"), "anim.gif", "not a recognised image", "unknown_format"),
+        (lambda: encode(Image.new("LAB", (8, 8)), "TIFF"), "lab.tif", "unsupported pixel mode 'LAB'", "unsupported"),
+        (lambda: b"\x00" * 200, "junk.dcm", "no pixel data", "unsupported"),
     ],
     ids=["empty", "cut-jpeg", "cut-png", "header-only", "bad-crc", "random", "text", "pdf", "gif", "lab", "junk-dcm"],
 )
-def test_bad_inputs_raise_image_decode_error_naming_the_source(make, source, reason):
+def test_bad_inputs_raise_image_decode_error_naming_the_source(make, source, reason, kind):
     data = make()
     with pytest.raises(ImageDecodeError) as caught:
         load_image(data, source, 16)
     message = str(caught.value)
     assert message.startswith(f"{source}: ") and reason in message
+    assert caught.value.kind == kind
 
 
 def test_too_many_pixels_is_refused_before_decoding():
@@ -292,6 +293,7 @@ def test_too_many_pixels_is_refused_before_decoding():
     assert str(caught.value) == (
         "big.png: image is 2000x2000 = 4000000 pixels, over the limit of 1000000 (data.max_image_pixels)"
     )
+    assert caught.value.kind == "over_pixel_limit"
     assert load_image(data, "big.png", 32, max_pixels=4_000_000).shape == (32, 32, 1)
 
 

@@ -616,6 +616,8 @@ def test_serve_config_fits_the_app_config(builds: dict) -> None:
         (deployment,) = app["deployments"]
         assert deployment["name"] == "PneumonetModel"
         assert not kv.overload_problems(deployment, max_batch, env)
+        assert not kv.request_timeout_problems(yaml.safe_load(service["spec"]["serveConfigV2"]),
+                                               load_config().serve.request_timeout_s, env)  # fmt: skip
         assert app["import_path"] == "serve.app:app_builder" and app["route_prefix"] == "/"
         assert app["args"]["model"].startswith("s3://")
 
@@ -643,6 +645,12 @@ def test_overload_check_catches_mistakes() -> None:
                    {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 16}},
                    {"backpressure_config": {"retry_after_s": 5}}):  # fmt: skip
         assert kv.overload_problems({**good, **change}, 16, "x"), change
+
+
+def test_request_timeout_check_catches_a_missing_or_too_short_proxy_timeout() -> None:
+    assert not kv.request_timeout_problems({"http_options": {"request_timeout_s": 40}}, 30, "x")
+    for config in ({}, {"http_options": {"port": 8000}}, {"http_options": {"request_timeout_s": 30}}):
+        assert kv.request_timeout_problems(config, 30, "x"), config
 
 
 def serve_apps(config: dict[str, Any]) -> dict[str, tuple[str, set[str]]]:

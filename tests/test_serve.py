@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from hostile import many_scans_jpeg
 from PIL import Image
 
 from pneumonet.artifact import build_metadata, load_artifact, save_artifact
@@ -50,6 +51,9 @@ APPS = {
                {"max_ongoing_requests": 1, "max_queued_requests": 1}),
     # Killed while requests are in flight.
     "restart": (["serve.batch_wait_timeout_s=0.2", "serve.queue_timeout_s=10"], {}),
+    # Short time limits, and room for a hostile file of a few hundred KB.
+    "strict": (["data.max_decode_seconds=3", "serve.request_timeout_s=8", "serve.max_request_bytes=2000000",
+                "serve.queue_timeout_s=5"], {}),
 }  # fmt: skip
 
 
@@ -209,6 +213,64 @@ def test_bad_requests_get_json_4xx_and_do_not_hurt_the_replica(endpoint: str) ->
     assert post(predict, data=png(7), headers={"Content-Type": "image/png"}).status_code == 200
     deployment = serve.status().applications["open"].deployments["PneumonetModel"]
     assert deployment.status == "HEALTHY" and deployment.replica_states == {"RUNNING": 1}
+
+
+def test_a_file_that_decodes_for_minutes_is_refused_at_data_max_decode_seconds(endpoint: str) -> None:
+    slow = many_scans_jpeg()  # minutes in-process; stopped after 3 s in the replica's decoder process
+    one = post(f"{endpoint}/strict/v1/predict", data=slow, headers={"Content-Type": "image/jpeg"})
+    assert one.status_code == 422, one.text
+    assert one.json()["error"] == "upload: decoding took longer than 3 s (data.max_decode_seconds); stopped"
+    files = [("files", ("a.png", png(2), "image/png")), ("files", ("scans.jpeg", slow, "image/jpeg")),
+             ("files", ("c.png", png(4), "image/png"))]  # fmt: skip
+    batch = post(f"{endpoint}/strict/v1/predict/batch", files=files)
+    assert batch.status_code == 200, batch.text
+    results = batch.json()["results"]
+    assert "probability" in results[0] and "probability" in results[2]
+    assert results[1] == {"filename": "scans.jpeg", "error": "scans.jpeg: decoding took longer than 3 s (data.max_decode_seconds); stopped"}
+
+
+def test_fuzzed_multipart_bodies_over_http_end_as_4xx_or_one_answer_per_image_never_5xx(
+    endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "fuzz"))
+    import harness
+
+    tally = harness.run_endpoint(f"{endpoint}/strict/v1/predict/batch", cases=150, seed=20261204, budget_s=60, max_seconds=TIMEOUT)
+    assert not tally.failures, "\n".join(tally.failures[:10])
+    assert tally.cases >= 2 * len(harness.make_seeds())  # each seed posted, even on a loaded machine
+    outcomes = {outcome for counts in tally.outcomes.values() for outcome in counts}
+    assert "400" in outcomes and any(o.startswith("200:") for o in outcomes), outcomes  # broken bodies and parsed ones
+    assert post(f"{endpoint}/strict/v1/predict", data=png(7), headers={"Content-Type": "image/png"}).status_code == 200
+
+
+def raw_exchange(endpoint: str, request: bytes) -> bytes:
+    """Send ``request`` as is, never finish it, and read what comes back until the server closes
+    the connection or a complete JSON body has arrived (at most TIMEOUT seconds)."""
+    host, port = endpoint.removeprefix("http://").split(":")
+    reply = b""
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+        sock.sendall(request)
+        while not reply.rstrip().endswith(b"}"):
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            reply += chunk
+    return reply
+
+
+def test_a_request_whose_body_never_arrives_gets_408_at_serve_request_timeout_s(endpoint: str) -> None:
+    # Serve lets a client lift the proxy's timeout with x-request-timeout-seconds: 0; the replica's holds.
+    for extra in (b"", b"x-request-timeout-seconds: 0\r\n"):
+        head = (b"POST /strict/v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                b"Content-Length: 50000\r\n" + extra + b"\r\n")  # fmt: skip
+        started = time.monotonic()
+        reply = raw_exchange(endpoint, head + png(1)[:100])
+        assert reply.startswith(b"HTTP/1.1 408 "), reply[:300]
+        assert b"not answered within 8.0 s (serve.request_timeout_s)" in reply, reply[-300:]
+        assert time.monotonic() - started < TIMEOUT
 
 
 def test_bearer_token_auth(endpoint: str) -> None:
@@ -376,6 +438,7 @@ def test_serve_config_file_is_valid_and_fills_batches() -> None:
     (deployment,) = app["deployments"]
     assert deployment["name"] == "PneumonetModel"
     assert not kv.overload_problems(deployment, load_config().serve.max_batch_size, "serve/config.yaml")
+    assert not kv.request_timeout_problems(yaml.safe_load(text), load_config().serve.request_timeout_s, "serve/config.yaml")
 
 
 def test_app_builder_checks_its_args(model_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:

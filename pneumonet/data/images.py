@@ -24,7 +24,7 @@ from pathlib import PurePosixPath
 import numpy as np
 import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import VR
 from tqdm import tqdm
@@ -68,13 +68,15 @@ def _check_pixels(source: str, width: int, height: int, max_pixels: int) -> None
     if width * height > max_pixels:
         raise ImageDecodeError(
             f"{source}: image is {width}x{height} = {width * height} pixels, "
-            f"over the limit of {max_pixels} (data.max_image_pixels)"
+            f"over the limit of {max_pixels} (data.max_image_pixels)",
+            kind="over_pixel_limit",
         )
 
 
 def _check_bytes(source: str, size: int, max_bytes: int) -> None:
     if size > max_bytes:
-        raise ImageDecodeError(f"{source}: file is {size} bytes, over the limit of {max_bytes} (data.max_image_bytes)")
+        raise ImageDecodeError(f"{source}: file is {size} bytes, over the limit of {max_bytes} (data.max_image_bytes)",
+                               kind="over_byte_limit")  # fmt: skip
 
 
 def _row_chunks(arr: np.ndarray):
@@ -96,7 +98,7 @@ def _window(arr: np.ndarray, source: str, robust: bool = True) -> np.ndarray:
     values already windowed (a DICOM VOI window, whose bounds are the intended black and white).
     """
     if arr.dtype.kind == "f" and not all(np.isfinite(arr[rows]).all() for rows in _row_chunks(arr)):
-        raise ImageDecodeError(f"{source}: image has non-finite pixel values (NaN or infinity)")
+        raise ImageDecodeError(f"{source}: image has non-finite pixel values (NaN or infinity)", kind="non_finite")
     if robust:
         step = max(1, int(np.ceil(np.sqrt(arr.size / _WINDOW_SAMPLE))))
         lo, hi = (float(v) for v in np.percentile(arr[::step, ::step], WINDOW_PERCENTILES))
@@ -151,6 +153,15 @@ def _dicom_pixels(ds: pydicom.Dataset, source: str) -> np.ndarray:
     return 255 - out if float(ds.get("RescaleSlope") or 1) < 0 else out
 
 
+def _dicom_failure(ds: pydicom.Dataset) -> str:
+    """The error kind of pixel data that did not decode: ``unsupported`` when no installed codec reads
+    its transfer syntax, else ``corrupt``."""
+    try:
+        return "corrupt" if get_decoder(ds.file_meta.TransferSyntaxUID).is_available else "unsupported"
+    except Exception:  # no or an unknown transfer syntax
+        return "unsupported"
+
+
 def _decode_dicom(data: bytes, source: str, max_pixels: int) -> Image.Image:
     if data.startswith(b"DICM"):  # preamble stripped, magic kept: pydicom expects one or neither
         data = data[4:]
@@ -159,7 +170,7 @@ def _decode_dicom(data: bytes, source: str, max_pixels: int) -> Image.Image:
     except Exception as exc:  # pydicom raises many types on malformed files
         raise ImageDecodeError(f"{source}: not a readable DICOM file ({exc})") from None
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise ImageDecodeError(f"{source}: DICOM file has no pixel data")
+        raise ImageDecodeError(f"{source}: DICOM file has no pixel data", kind="unsupported")
     try:
         if "TransferSyntaxUID" not in ds.file_meta and ds.original_encoding in _NATIVE_SYNTAXES:
             # A bare data set (no file meta) holds native pixels, encoded as the data set was read.
@@ -170,7 +181,7 @@ def _decode_dicom(data: bytes, source: str, max_pixels: int) -> Image.Image:
     except ImageDecodeError:
         raise
     except Exception as exc:  # missing codec plugins, bad lengths, odd bit depths
-        raise ImageDecodeError(f"{source}: cannot decode DICOM pixel data ({exc})") from None
+        raise ImageDecodeError(f"{source}: cannot decode DICOM pixel data ({exc})", kind=_dicom_failure(ds)) from None
     if photometric == "MONOCHROME1":  # MONOCHROME1: high values are dark
         out = 255 - out
     return Image.fromarray(out)
@@ -184,11 +195,12 @@ def _decode_pil(data: bytes, source: str, max_pixels: int, draft_size: int | Non
         if fmt:
             raise ImageDecodeError(f"{source}: truncated or corrupt image header (starts like a {fmt} file)") from None
         raise ImageDecodeError(
-            f"{source}: not a recognised image format (expected JPEG, PNG, BMP, TIFF or DICOM)"
+            f"{source}: not a recognised image format (expected JPEG, PNG, BMP, TIFF or DICOM)", kind="unknown_format"
         ) from None
     except Image.DecompressionBombError as exc:  # Pillow's own guard, past twice PIL.Image.MAX_IMAGE_PIXELS
         raise ImageDecodeError(f"{source}: image is too large, over the limit of {max_pixels} "
-                               f"(data.max_image_pixels) or Pillow's decompression-bomb guard ({exc})") from None  # fmt: skip
+                               f"(data.max_image_pixels) or Pillow's decompression-bomb guard ({exc})",
+                               kind="over_pixel_limit") from None  # fmt: skip
     except Exception as exc:  # header parsers raise OSError, SyntaxError, struct.error, ...
         raise ImageDecodeError(f"{source}: truncated or corrupt image header ({exc})") from None
     _check_pixels(source, *img.size, max_pixels)
@@ -203,13 +215,13 @@ def _decode_pil(data: bytes, source: str, max_pixels: int, draft_size: int | Non
     if img.mode in _DEEP_MODES:
         return Image.fromarray(_window(np.asarray(img), source))
     if img.mode not in _COLOR_MODES:
-        raise ImageDecodeError(f"{source}: unsupported pixel mode {img.mode!r}")
+        raise ImageDecodeError(f"{source}: unsupported pixel mode {img.mode!r}", kind="unsupported")
     return img if img.mode == "L" else img.convert("L")
 
 
 def _decode(data: bytes, source: str, max_pixels: int, max_bytes: int, draft_size: int | None) -> Image.Image:
     if not data:
-        raise ImageDecodeError(f"{source}: empty file (0 bytes)")
+        raise ImageDecodeError(f"{source}: empty file (0 bytes)", kind="empty")
     _check_bytes(source, len(data), max_bytes)
     if _is_dicom(data, source):
         return _decode_dicom(data, source, max_pixels)

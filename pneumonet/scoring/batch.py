@@ -30,6 +30,7 @@ becomes a row with an ``error`` instead of failing the job.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import time
@@ -84,40 +85,55 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, [*args.overrides, *extra])
 
 
-def _read_or_error(uri: str, max_bytes: int) -> bytes | str:
-    """The file's bytes, or an error message when it is skipped, unreadable or over ``max_bytes``."""
+def _read_or_error(uri: str, max_bytes: int) -> bytes | PneumonetError:
+    """The file's bytes, or why it is skipped, unreadable or over ``max_bytes``."""
     reason = not_image_reason(uri)
     if reason:
-        return reason
+        return PneumonetError(reason, kind="not_image")
     try:
         return storage.read_bytes(uri, max_bytes)
     except PneumonetError as exc:
-        return str(exc)
+        return exc
 
 
-def decode_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int, max_bytes: int) -> dict[str, np.ndarray]:
-    """Ray Data stage 1: URIs → model-ready pixels; a file that fails gets zeros and its ``error``."""
+@functools.cache
+def _decoder(max_seconds: float) -> Any:
+    """The decoder child of this Ray worker process, reused by every decode task it runs."""
+    from pneumonet.data.sandbox import DecoderPool
+
+    return DecoderPool(1, max_seconds)
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray], size: int, max_pixels: int, max_bytes: int, max_seconds: float | None
+) -> dict[str, np.ndarray]:
+    """Ray Data stage 1: URIs → model-ready pixels; a file that fails gets zeros, its ``error`` and its
+    ``error_kind`` (:mod:`pneumonet.errors`). Decoding runs in a child process killed after
+    ``max_seconds`` (:mod:`pneumonet.data.sandbox`), or here when that is None."""
     from pneumonet.data.images import load_image
 
+    decode = _decoder(max_seconds).load_image if max_seconds else load_image
     uris = [str(uri) for uri in batch["uri"]]
     images = np.zeros((len(uris), size, size, 1), np.uint8)
     errors = [""] * len(uris)
+    kinds = [""] * len(uris)
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="pneumonet-read") as pool:
         # Windows of READ_THREADS files: concurrent reads, bounded raw bytes in memory.
         for start in range(0, len(uris), READ_THREADS):
             window = uris[start : start + READ_THREADS]
             for index, data in enumerate(pool.map(_read_or_error, window, [max_bytes] * len(window)), start):
-                if isinstance(data, str):
-                    errors[index] = data
-                    continue
                 try:
-                    images[index] = load_image(data, uris[index], size, max_pixels, max_bytes)
+                    if isinstance(data, PneumonetError):
+                        raise data
+                    images[index] = decode(data, uris[index], size, max_pixels, max_bytes)
                 except PneumonetError as exc:
-                    errors[index] = str(exc)
+                    errors[index], kinds[index] = str(exc), exc.kind
                 except Exception as exc:  # a decoder bug must cost one row, not an overnight job
                     log.exception("unexpected error decoding %s", uris[index])
                     errors[index] = f"{uris[index]}: unexpected {type(exc).__name__} while decoding: {exc}"
-    return {"uri": np.asarray(uris, dtype=object), "image": images, "error": np.asarray(errors, dtype=object)}
+                    kinds[index] = "decoder_crash"
+    return {"uri": np.asarray(uris, dtype=object), "image": images, "error": np.asarray(errors, dtype=object),
+            "error_kind": np.asarray(kinds, dtype=object)}  # fmt: skip
 
 
 class Scorer:
@@ -152,6 +168,7 @@ class Scorer:
                 "model": pa.array([self.model_id] * len(errors), pa.string()),
                 "scored_at": pa.array([now] * len(errors), pa.timestamp("us", tz="UTC")),
                 "error": pa.array([error or None for error in errors], pa.string()),
+                "error_kind": pa.array([str(kind) or None for kind in batch["error_kind"]], pa.string()),
             },
             schema=parts.SCHEMA,
         )
@@ -208,7 +225,8 @@ def _pipeline(todo: Any, files: int, model: ResolvedModel, config: Config, outpu
         decode_batch,
         batch_size=score.batch_size,
         batch_format="numpy",
-        fn_kwargs={"size": int(model.meta["image_size"]), "max_pixels": config.data.max_image_pixels, "max_bytes": config.data.max_image_bytes},
+        fn_kwargs={"size": int(model.meta["image_size"]), "max_pixels": config.data.max_image_pixels,
+                   "max_bytes": config.data.max_image_bytes, "max_seconds": config.data.max_decode_seconds},  # fmt: skip
         memory=DECODE_MEMORY,
     )
     dataset = dataset.map_batches(
@@ -333,9 +351,11 @@ def describe(summary: dict[str, Any]) -> str:
     predictions = ", ".join(f"{name} {count}" for name, count in summary["predictions"].items()) or "none"
     rate = f", {run['images_per_second']} images/s" if run["images_per_second"] else ""
     via = f" (alias {summary['model_alias']})" if summary.get("model_alias") else ""
+    by_kind = summary.get("failures_by_kind") or {}
+    kinds = f" ({', '.join(f'{kind} {count}' for kind, count in by_kind.items())})" if by_kind else ""
     return (
         f"model {summary['model']}{via}: {summary['model_uri']}\n"
-        f"{summary['files']} files in {summary['output']}: {summary['scored']} scored, {summary['failures']} failed\n"
+        f"{summary['files']} files in {summary['output']}: {summary['scored']} scored, {summary['failures']} failed{kinds}\n"
         f"this run: {run['scored_this_run'] + run['failed_this_run']} files in {run['seconds']} s{rate} "
         f"({run['already_scored']} already scored)\n"
         f"predictions: {predictions}; p(PNEUMONIA) {spread}\n"

@@ -18,10 +18,12 @@ One ingress deployment, ``PneumonetModel`` (FastAPI), per replica one model:
 Every refusal is a 4xx or a 503 with ``{"error": "..."}``: 400 malformed request or empty body, 401 bad or
 missing bearer token (when the env var named by ``serve.auth_token_env`` is set), 413 body over
 ``serve.max_request_bytes`` (checked on Content-Length and while reading) or more images than
-``serve.max_batch_images``, 415 unsupported content type, 422 not a decodable image (corrupt,
-unknown format, over ``data.max_image_bytes`` or ``data.max_image_pixels``; a multipart part's own
-``application/dicom`` type selects the DICOM decoder). Images are decoded in the request handler,
-before batching, so only good images ever reach the model; concurrent requests are then scored
+``serve.max_batch_images``, 408 not answered within ``serve.request_timeout_s`` (a body sent too
+slowly, say; a request header cannot lift it), 415 unsupported content type, 422 not a decodable
+image (corrupt, unknown format, over ``data.max_image_bytes``, ``data.max_image_pixels`` or
+``data.max_decode_seconds``; a multipart part's own ``application/dicom`` type selects the DICOM
+decoder). Images are decoded in the request handler (in ``serve.decode_processes`` child
+processes, :mod:`pneumonet.data.sandbox`), before batching, so only good images ever reach the model; concurrent requests are then scored
 together (``@serve.batch``, ``serve.max_batch_size``/``serve.batch_wait_timeout_s``) and each
 response says in ``batch_size`` how many images shared its model call.
 
@@ -40,8 +42,10 @@ once). Time in the proxy's queue is bounded by its length, not by the clock, so
 # signatures of the methods @serve.ingress re-wraps, not a string it cannot resolve.
 import asyncio
 import base64
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +63,7 @@ from pneumonet import web
 from pneumonet.artifact_meta import operating_threshold
 from pneumonet.config import Config, load_config
 from pneumonet.data.images import load_image
+from pneumonet.data.sandbox import DecoderPool
 from pneumonet.errors import ConfigError, ImageDecodeError
 from pneumonet.registry import ResolvedModel, resolve_model
 from pneumonet.scoring.admission import Admission
@@ -91,6 +96,9 @@ MIN_ONGOING_REQUESTS = 64
 # burst of simultaneous arrivals counts in full: with 16, 64 clients got Serve's 503 from a proxy
 # whose replica had room (benchmarks/RESULTS-serve.md).
 MAX_QUEUED_REQUESTS = 64
+# `pneumonet serve` sets the proxy's request timeout this much above serve.request_timeout_s (the
+# serve/config.yaml and RayService copies state theirs: 40 s; tests/k8s_validation.py checks them).
+PROXY_TIMEOUT_MARGIN_S = 10.0
 # A replica whose model call failed this many times in a row reports unhealthy and is replaced.
 MAX_MODEL_FAILURES = 3
 _ACCEPTED = ", ".join(sorted(RAW_TYPES)) + f" or {MULTIPART}"
@@ -146,6 +154,8 @@ class PneumonetModel:
         self._serve = config.serve
         self._max_pixels = config.data.max_image_pixels
         self._max_bytes = config.data.max_image_bytes
+        seconds = config.data.max_decode_seconds
+        self._decoder = DecoderPool(self._serve.decode_processes, seconds) if seconds else None
         self._artifact = load_artifact(model.uri)
         self._size = self._artifact.image_size
         self._token = token_from_env(self._serve.auth_token_env)
@@ -158,9 +168,11 @@ class PneumonetModel:
         self._info["operating_threshold"], self._info["threshold_source"] = operating_threshold(meta)
         self._info["registry"] = model.describe()
         self._model = {"name": self._artifact.name, "version": self._artifact.version, "registry_version": model.version}
-        # Trace the graph now: the first real request must not pay for it, and a model that cannot
-        # run fails the replica's start instead of its first request.
+        # Trace the graph and start the decoder processes now: the first real request must not pay
+        # for them, and a model that cannot run fails the replica's start instead of its first request.
         self._artifact.predict_proba(np.zeros((1, self._size, self._size, 1), np.uint8))
+        if self._decoder:
+            self._decoder.warm()
         log.info(
             "serving %s (%s), max batch %d, bearer-token auth %s",
             model.label, model.uri, self._serve.max_batch_size,
@@ -218,7 +230,8 @@ class PneumonetModel:
         if not data:
             raise ApiError(400, f"{source}: empty file")
         try:
-            return await asyncio.to_thread(load_image, data, source, self._size, self._max_pixels, self._max_bytes)
+            decode = self._decoder.load_image if self._decoder else load_image
+            return await asyncio.to_thread(decode, data, source, self._size, self._max_pixels, self._max_bytes)
         except ImageDecodeError as exc:
             raise ApiError(422, str(exc)) from None
         except Exception as exc:  # a decoder bug on odd input is still the input's fault, not a 500
@@ -244,6 +257,17 @@ class PneumonetModel:
             "prediction": decide(probability, self._artifact.threshold),
             "batch_size": batch_size,
         }
+
+    @contextlib.asynccontextmanager
+    async def _answered_in_time(self) -> AsyncIterator[None]:
+        """Bound a whole request by serve.request_timeout_s (a client cannot lift it, unlike the proxy's
+        timeout, which Serve lets a request header change): 408 when it runs out."""
+        try:
+            async with asyncio.timeout(self._serve.request_timeout_s):
+                yield
+        except TimeoutError:
+            raise ApiError(408, f"request not answered within {self._serve.request_timeout_s} s (serve.request_timeout_s): "
+                                "its body came too slowly or the server was too busy; retry") from None  # fmt: skip
 
     def _envelope(self, started: float, body: dict[str, Any]) -> dict[str, Any]:
         return {**body, "threshold": self._artifact.threshold, "threshold_source": self._artifact.threshold_source,
@@ -273,11 +297,21 @@ class PneumonetModel:
     async def model_info(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
         limits = {key: getattr(self._serve, key) for key in ("max_batch_size", "batch_wait_timeout_s", "max_request_bytes",
-                                                              "max_batch_images", "queue_timeout_s", "retry_after_s")}  # fmt: skip
+                                                              "max_batch_images", "queue_timeout_s", "retry_after_s",
+                                                              "request_timeout_s")}  # fmt: skip
         return {**self._info, "serving": limits}
 
     @api.post("/v1/predict")
     async def predict(self, request: Request, explain: str | None = None) -> dict[str, Any]:
+        async with self._answered_in_time():
+            return await self._predict(request, explain)
+
+    @api.post("/v1/predict/batch")
+    async def predict_batch(self, request: Request) -> dict[str, Any]:
+        async with self._answered_in_time():
+            return await self._predict_batch(request)
+
+    async def _predict(self, request: Request, explain: str | None) -> dict[str, Any]:
         started = time.perf_counter()
         deadline = time.monotonic() + self._serve.queue_timeout_s
         self._authorize(request)
@@ -304,8 +338,7 @@ class PneumonetModel:
             result["input_png"] = base64.b64encode(image_png(image)).decode("ascii")
         return self._envelope(started, result)
 
-    @api.post("/v1/predict/batch")
-    async def predict_batch(self, request: Request) -> dict[str, Any]:
+    async def _predict_batch(self, request: Request) -> dict[str, Any]:
         started = time.perf_counter()
         deadline = time.monotonic() + self._serve.queue_timeout_s
         self._authorize(request)
@@ -376,7 +409,9 @@ def serve_locally(model_uri: str, config: Config, host: str | None = None, port:
     port = port or config.serve.port
     set_serve_env()  # the local Ray's processes inherit it
     init_ray()
-    serve.start(http_options={"host": host, "port": port})
+    # The proxy's own timeout is the backstop behind the replica's (which answers first, with its reason).
+    proxy_timeout = config.serve.request_timeout_s + PROXY_TIMEOUT_MARGIN_S
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": proxy_timeout})
     try:
         serve.run(build_app(model, config), name=APP_NAME, route_prefix="/")
         log.info("Pneumonet endpoint on http://%s:%d (the page at /, POST /v1/predict); Ctrl-C stops it", host, port)

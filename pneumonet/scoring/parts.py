@@ -39,6 +39,7 @@ SCHEMA = pa.schema(
         pa.field("model", pa.string(), nullable=False),
         pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("error", pa.string()),
+        pa.field("error_kind", pa.string()),  # pneumonet.errors: a short code per cause; null when scored
     ]
 )
 PART_PATTERN = re.compile(r"^part-.+\.parquet$")
@@ -75,10 +76,17 @@ def list_parts(output: str) -> list[str]:
 
 
 def read_part(uri: str, columns: list[str]) -> pa.Table:
-    """The given columns of one finished part, typed as :data:`SCHEMA` says."""
+    """The given columns of one finished part, typed as :data:`SCHEMA` says. A nullable column that
+    the part lacks (written before the column was added, e.g. ``error_kind``) reads as nulls, so an
+    older output can still be resumed and summarized."""
     try:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns)
-        return table.cast(pa.schema([SCHEMA.field(name) for name in columns]))
+        file = pq.ParquetFile(io.BytesIO(storage.read_bytes(uri)))
+        present = set(file.schema_arrow.names)
+        absent = [name for name in columns if name not in present and SCHEMA.field(name).nullable]
+        table = file.read(columns=[name for name in columns if name not in absent])
+        for name in absent:
+            table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
+        return table.select(columns).cast(pa.schema([SCHEMA.field(name) for name in columns]))
     except (pa.ArrowInvalid, KeyError) as exc:
         raise DataError(
             f"{uri} is not a readable scoring part ({exc}); parts are written atomically, so it was "

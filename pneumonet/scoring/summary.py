@@ -4,10 +4,10 @@ It is computed from the output's parts (all runs, so a resumed job reports the w
 written next to them as ``_summary.json`` and ``_histogram.png``; the leading underscore keeps
 both out of ``pandas.read_parquet(output)`` and pyarrow dataset discovery.
 
-The workers reduce each batch of rows to a partial (counts, a histogram of :data:`FINE_BINS`
-bins, a few error messages) and the driver adds the partials up as they stream in, so the
-summary of ten million rows holds no row on the driver. Quantiles come from the fine histogram:
-within one bin width (1/:data:`FINE_BINS` = 5e-5) of the exact ones.
+The workers reduce each batch of rows to a partial (counts, failures by ``error_kind``, a
+histogram of :data:`FINE_BINS` bins, a few error messages) and the driver adds the partials up as
+they stream in, so the summary of ten million rows holds no row on the driver. Quantiles come
+from the fine histogram: within one bin width (1/:data:`FINE_BINS` = 5e-5) of the exact ones.
 """
 
 from __future__ import annotations
@@ -31,14 +31,18 @@ BINS = 20
 FINE_BINS = BINS * 1000
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 EXAMPLES = 20
-COLUMNS = ["probability", "prediction", "error"]
+COLUMNS = ["probability", "prediction", "error", "error_kind"]
+# The kind counted for an error row without one (a part written before rows had error_kind).
+UNCLASSIFIED = "unclassified"
 
 
 def partial_stats(batch: pa.Table) -> pa.Table:
     """Ray Data map: a batch of rows → one row holding its partial summary (JSON)."""
     probs = batch.column("probability").drop_null().to_numpy().astype(np.float64)
     bins = np.clip((probs * FINE_BINS).astype(np.int64), 0, FINE_BINS - 1)
-    errors = batch.column("error").drop_null()
+    failed = pc.is_valid(batch.column("error"))
+    errors = batch.column("error").filter(failed)
+    kinds = pc.fill_null(batch.column("error_kind").filter(failed), UNCLASSIFIED)
     predictions = pc.value_counts(batch.column("prediction").drop_null()).to_pylist()
     partial = {
         "files": batch.num_rows,
@@ -46,6 +50,7 @@ def partial_stats(batch: pa.Table) -> pa.Table:
         "sum": float(probs.sum()),
         "histogram": np.bincount(bins, minlength=FINE_BINS).tolist(),
         "predictions": {item["values"]: item["counts"] for item in predictions},
+        "failures_by_kind": {item["values"]: item["counts"] for item in pc.value_counts(kinds).to_pylist()},
         "failure_examples": errors.slice(0, EXAMPLES).to_pylist(),
     }
     return pa.table({"partial": [json.dumps(partial)]})
@@ -71,6 +76,7 @@ def summarize_output(output: str) -> dict[str, Any]:
     totals = {"files": 0, "failures": 0, "sum": 0.0}
     histogram = np.zeros(FINE_BINS, np.int64)
     predictions: dict[str, int] = {}
+    by_kind: dict[str, int] = {}
     examples: list[str] = []
     dataset = parts_dataset(output, COLUMNS)
     partials = dataset.map_batches(partial_stats, batch_format="pyarrow") if dataset is not None else None
@@ -80,8 +86,9 @@ def summarize_output(output: str) -> dict[str, Any]:
             for key in totals:
                 totals[key] += partial[key]
             histogram += np.asarray(partial["histogram"], np.int64)
-            for name, count in partial["predictions"].items():
-                predictions[name] = predictions.get(name, 0) + count
+            for counts, more in ((predictions, partial["predictions"]), (by_kind, partial["failures_by_kind"])):
+                for name, count in more.items():
+                    counts[name] = counts.get(name, 0) + count
             examples += partial["failure_examples"][: EXAMPLES - len(examples)]
     scored = int(histogram.sum())
     cumulative = np.cumsum(histogram)
@@ -89,6 +96,7 @@ def summarize_output(output: str) -> dict[str, Any]:
         "files": totals["files"],
         "scored": scored,
         "failures": totals["failures"],
+        "failures_by_kind": dict(sorted(by_kind.items())),
         "predictions": dict(sorted(predictions.items())),
         "probability": {
             "mean": totals["sum"] / scored if scored else None,

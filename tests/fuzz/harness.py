@@ -13,6 +13,10 @@ Every case must end as decoded pixels or a :class:`~pneumonet.errors.PneumonetEr
 starts with the source name (for multipart: the parsed parts, or an :class:`ApiError` with a 4xx);
 anything else, a case slower than ``--max-seconds`` or a process over ``--max-rss-mb`` is a failure.
 
+:func:`run_endpoint` sends the multipart cases over HTTP to a running endpoint instead, where each
+must end as a 4xx or a 200 with one answer per image, never a 5xx or a hang: the default suite posts
+a bounded sample to the real Serve application on 127.0.0.1 (tests/test_serve.py).
+
 The default test suite runs a bounded sample (tests/fuzz/test_fuzz_inputs.py); the long run::
 
     PYTHONPATH=$PWD nice -n 19 python tests/fuzz/harness.py --cases 20000 --seed 1 --results tests/fuzz/RESULTS.md
@@ -32,10 +36,11 @@ import time
 import warnings
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -314,22 +319,68 @@ def multipart_case_outcome(body: bytes, content_type: str) -> str:
     return "parts:" + ("+".join(sorted(outcomes)) or "empty")
 
 
-def run(cases: int, seed: int, budget_s: float, max_seconds: float, max_rss_mb: float, log_every: int = 0) -> Tally:
-    """Run up to ``cases`` cases (or until ``budget_s`` has passed), seeded: the same seed, the same cases."""
+def endpoint_outcome(response: Any) -> str:
+    """A response of ``/v1/predict/batch`` to a fuzzed body: its status, and for a 200 the outcomes of
+    its images; raises AssertionError for a 5xx or an answer that is not the endpoint's JSON."""
+    assert response.status_code < 500, f"status {response.status_code}: {response.text[:300]}"
+    body = response.json()
+    if response.status_code != 200:
+        assert 400 <= response.status_code < 500 and isinstance(body.get("error"), str), f"{response.status_code}: {body}"
+        return str(response.status_code)
+    results = body["results"]
+    assert results and all(("probability" in r) != ("error" in r) for r in results), results
+    return "200:" + "+".join(sorted({"pixels" if "probability" in r else "refused" for r in results}))
+
+
+def _mutated(cases: int, seed: int, budget_s: float) -> Iterator[tuple[int, str, str, bytes, random.Random]]:
+    """(index, seed name, mutation, mutated bytes, the run's generator) of each case, every format in
+    turn, until ``budget_s`` has passed. The caller may draw more from the generator before the next
+    case (the same seed, the same cases)."""
     seeds = make_seeds()
     names = sorted(seeds)
     rng = random.Random(seed)
-    tally = Tally()
     started = time.perf_counter()
     for index in range(cases):
         if time.perf_counter() - started > budget_s:
-            break
-        name = names[index % len(names)]  # every format in turn
+            return
+        name = names[index % len(names)]
         mutation = rng.choice(sorted(MUTATIONS))
-        data = MUTATIONS[mutation](rng, seeds[name])
+        yield index, name, mutation, MUTATIONS[mutation](rng, seeds[name]), rng
+
+
+def _group(name: str) -> str:
+    return name.rsplit(".", 1)[-1] if "." in name else name
+
+
+def run_endpoint(url: str, cases: int, seed: int, budget_s: float, max_seconds: float) -> Tally:
+    """Fuzzed multipart bodies POSTed over HTTP to a running endpoint's ``/v1/predict/batch`` (``url``):
+    each must end as a 4xx or a 200 with one answer per image, within ``max_seconds``."""
+    import requests
+
+    tally = Tally()
+    started = time.perf_counter()
+    for index, name, mutation, data, rng in _mutated(cases, seed, budget_s):
+        body, content_type = multipart_case(rng, data, name)
+        label = f"case {index} (seed {seed}): {mutation} of {name} in multipart, posted"
+        case_start = time.perf_counter()
+        try:
+            outcome = endpoint_outcome(requests.post(url, data=body, headers={"Content-Type": content_type}, timeout=max_seconds))
+        except Exception as exc:  # a 5xx, a malformed answer, a hang past max_seconds
+            outcome = "FAILURE"
+            tally.failures.append(f"{label}: {type(exc).__name__}: {exc}"[:500])
+        tally.add(f"endpoint/{_group(name)}", mutation, outcome, time.perf_counter() - case_start, label)
+    tally.seconds = time.perf_counter() - started
+    return tally
+
+
+def run(cases: int, seed: int, budget_s: float, max_seconds: float, max_rss_mb: float, log_every: int = 0) -> Tally:
+    """Run up to ``cases`` cases (or until ``budget_s`` has passed), seeded: the same seed, the same cases."""
+    tally = Tally()
+    started = time.perf_counter()
+    for index, name, mutation, data, rng in _mutated(cases, seed, budget_s):
         as_multipart = rng.random() < 0.15
         label = f"case {index} (seed {seed}): {mutation} of {name}{' in multipart' if as_multipart else ''}"
-        group = ("multipart/" if as_multipart else "") + (name.rsplit(".", 1)[-1] if "." in name else name)
+        group = ("multipart/" if as_multipart else "") + _group(name)
         before = peak_rss_mb()
         case_start = time.perf_counter()
         try:
