@@ -1,7 +1,11 @@
-"""Training throughput on this machine: Ray Train with 1 vs 2 workers, feature caching, and the parts alone.
+"""Training throughput on this machine: against bare Keras, Ray Train with 1 vs 2 workers, feature caching, the parts alone.
 
 Prints (and with ``--write`` saves as Markdown):
 
+0. ``pneumonet train``'s images/s (the job's code path, 1 worker, default resources) next to a bare
+   ``keras.Model.fit`` of the same custom model on the same decoded images with the same augmentation
+   and class weights in this process, and their ratio (median over the epochs after the first;
+   ``--repeat`` alternates the pair to see the noise); ``--compare-only`` stops there;
 1. the input pipeline alone: decoding (the shared decoder, threaded; and through Ray Data) and
    decoding + augmentation with tf.data, in images/s;
 2. the forward pass alone of each variant's model (inference, float32), in images/s;
@@ -70,6 +74,46 @@ def _subset(data: Path, per_class: int, target: Path) -> str:
     return str(target)
 
 
+def _median_rate(rates: list[float]) -> float:
+    return statistics.median(rates[1:] if len(rates) > 1 else rates)  # the first epoch traces the step
+
+
+def bench_bare_keras(data, config) -> float:
+    """Images/s of ``keras.Model.fit`` on the custom model, images, augmentation and class weights of the job."""
+    import keras
+
+    from pneumonet.training.loop import balanced_class_weight
+
+    model = build_stage("custom", config).model
+    model.compile(optimizer=keras.optimizers.Adam(config.train.learning_rate), loss="binary_crossentropy")
+    dataset = training_dataset(data.train.images, data.train.labels, config.train.batch_size, config.seed, config.train.augment)
+    steps = len(data.train) // config.train.batch_size
+    times: list[float] = []
+    timer = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda *_: times.append(time.perf_counter()),
+        on_epoch_end=lambda *_: times.append(time.perf_counter() - times.pop()),
+    )
+    weights = dict(enumerate(balanced_class_weight(data.train.labels)))
+    model.fit(dataset, epochs=config.train.epochs, class_weight=weights, callbacks=[timer], verbose=0)
+    return _median_rate([steps * config.train.batch_size / seconds for seconds in times])
+
+
+def bench_against_keras(root: str, data, config, storage: str, repeat: int) -> list[tuple[str, float]]:
+    """``pneumonet train`` (custom, 1 worker, cpus_per_worker auto) and bare Keras, alternating, and their ratio."""
+    from pneumonet.training.distributed import run_training
+
+    rows = []
+    for attempt in range(1, repeat + 1):
+        summary = run_training(config, ["custom"], root, f"{storage}/against-keras-{attempt}")["custom"]
+        ours = _median_rate([ranks[0]["images_per_second"] for ranks in summary["epochs"]])
+        load = os.getloadavg()[0]
+        bare = bench_bare_keras(data, config)
+        rows += [(f"pneumonet train, custom, 1 worker (run {attempt}, load {load:.1f})", ours),
+                 (f"bare keras.Model.fit (run {attempt}, load {os.getloadavg()[0]:.1f})", bare),
+                 (f"ratio pneumonet / keras (run {attempt})", ours / bare)]  # fmt: skip
+    return rows
+
+
 def bench_pipeline(data, config) -> list[tuple[str, float]]:
     """Decode (threads, and Ray Data) and decode+augment, images/s."""
     uris = data.train.rows["uri"].tolist()
@@ -136,8 +180,7 @@ def bench_workers(root: str, config, storage: str) -> list[tuple[str, float]]:
     results = []
     for workers, variants in ((1, ["custom", "transfer", "finetune"]), (2, ["custom", "finetune"])):
         cfg = config.model_copy(deep=True)
-        cfg.distributed.workers = workers
-        cfg.distributed.cpus_per_worker = 2.0 / workers  # the same 2 cores: 2 threads in one, 1 each in two
+        cfg.distributed.workers = workers  # cpus_per_worker auto: the machine's cores shared by the workers
         summaries = run_training(cfg, variants, root, storage)
         for variant in ("custom", "finetune"):
             rates = [ranks[0]["images_per_second"] for ranks in summaries[variant]["epochs"][1:]]
@@ -146,8 +189,10 @@ def bench_workers(root: str, config, storage: str) -> list[tuple[str, float]]:
 
 
 def _table(title: str, unit: str, rows: list[tuple[str, float]]) -> list[str]:
-    digits = 2 if unit == "seconds" else 1
-    return [f"### {title}", "", f"| measurement | {unit} |", "| --- | ---: |", *[f"| {n} | {v:.{digits}f} |" for n, v in rows], ""]
+    def cell(name: str, value: float) -> str:
+        return f"{value:.2f}×" if name.startswith("ratio") else f"{value:.{2 if unit == 'seconds' else 1}f}"
+
+    return [f"### {title}", "", f"| measurement | {unit} |", "| --- | ---: |", *[f"| {n} | {cell(n, v)} |" for n, v in rows], ""]
 
 
 def main() -> None:
@@ -157,6 +202,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--backbone", default="MobileNetV2", help="keras.applications backbone (random weights)")
     parser.add_argument("--write", help="also write the results as Markdown here")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of the pneumonet-vs-Keras pair, alternating")
+    parser.add_argument("--compare-only", action="store_true", help="only the pneumonet-vs-Keras comparison")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     tf.get_logger().setLevel("ERROR")
@@ -171,7 +218,7 @@ def main() -> None:
     overrides = [
         f"model.image_size={args.size}", f"model.backbone={args.backbone}", "model.weights=none",
         "data.decode_workers=4", "train.batch_size=16",
-        "train.epochs=3", "train.finetune_epochs=3", "train.patience=10", "tracking.mode=disabled",
+        "train.epochs=4", "train.finetune_epochs=3", "train.patience=10", "tracking.mode=disabled",
     ]  # fmt: skip
     config = load_config(None, overrides)
     load_before = _load()
@@ -181,18 +228,29 @@ def main() -> None:
 
     from pneumonet.training.distributed import ensure_ray
 
-    two_workers = config.model_copy(deep=True)
-    two_workers.distributed.workers, two_workers.distributed.cpus_per_worker = 2, 1.0
-    ensure_ray(two_workers)  # the job's local cluster: 2 workers × 1 CPU + 1 CPU for Ray Data
+    ensure_ray(config)  # the job's local cluster: every core of this machine
     data = prepare_data(config, root)
     print(f"data: {root}: {len(data.train)} train / {len(data.val)} val images at {args.size} px", flush=True)
 
+    sections = []
+    storage = str(workdir / "store")
+    rows = bench_against_keras(root, data, config, storage, args.repeat)
+    sections.append(("pneumonet train against bare Keras (custom, median of epochs 2-4)", "images/s", rows))
+    print(*_table(*sections[-1]), sep="\n", flush=True)
+
+    if not args.compare_only:
+        sections += _the_rest(root, data, config, storage)
+    ray.shutdown()
+    _report(args, data, sections, load_before, started)
+
+
+def _the_rest(root: str, data, config, storage: str) -> list[tuple[str, str, list[tuple[str, float]]]]:
+    """Sections 1-4 of the module docstring."""
     sections = []
     rows = bench_pipeline(data, config)
     sections.append(("Input pipeline alone", "images/s", rows))
     print(*_table(*sections[-1]), sep="\n", flush=True)
 
-    storage = str(workdir / "store")
     rows = bench_workers(root, config, storage)
     sections.append(("Training with Ray Train (median of epochs 2-3)", "images/s", rows))
     print(*_table(*sections[-1]), sep="\n", flush=True)
@@ -207,8 +265,10 @@ def main() -> None:
     rows = bench_caching(data, config)
     sections.append(("transfer: feature caching (one process)", "seconds", rows))
     print(*_table(*sections[-1]), sep="\n", flush=True)
-    ray.shutdown()
+    return sections
 
+
+def _report(args, data, sections, load_before: str, started: float) -> None:
     minutes = (time.perf_counter() - started) / 60
     header = [
         "## Training benchmark (`benchmarks/bench_training.py`)",

@@ -11,9 +11,10 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
-from pneumonet import __version__
+from pneumonet import __version__, console
 from pneumonet.commandline import OVERRIDES_HELP, add_overrides, examples, parse, verbose_parent
 from pneumonet.scoring.options import (
     SCORE_DESCRIPTION,
@@ -63,6 +64,7 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    console.log_to(args.out or args.storage)
     from pneumonet.training.args import print_summaries, train_from_args
 
     print_summaries(train_from_args(args))
@@ -81,6 +83,7 @@ def _decode_settings(args: argparse.Namespace):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    console.log_to(args.out)
     from pneumonet.evaluation.metrics import headline
     from pneumonet.evaluation.run import evaluate_artifact
 
@@ -183,6 +186,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
+    console.log_to(args.output, "_pneumonet.log")  # "_": readers of the Parquet folder skip it, as _summary.json
     from pneumonet.scoring.batch import run_from_args
 
     run_from_args(args)
@@ -196,6 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    console.log_to(args.out)
     from pneumonet.demo import run_demo
 
     report = run_demo(args.out, args.overrides)
@@ -320,20 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("absl", "tensorflow", "h5py", "matplotlib", "PIL", "urllib3", "botocore", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parse(parser, argv, positional="images")
-    _configure_logging(args.verbose)
+    console.configure(args.verbose)
     from pneumonet.errors import PneumonetError
 
     func: Callable[[argparse.Namespace], None] = args.func
@@ -342,11 +337,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     except PneumonetError as exc:
         if args.verbose:
             log.exception("failed")
-        print(f"pneumonet: error: {exc}", file=sys.stderr)
+        print(f"pneumonet: error: {exc}", file=console.terminal())
         sys.exit(1)
     except KeyboardInterrupt:
-        print("pneumonet: interrupted", file=sys.stderr)
+        print("pneumonet: interrupted", file=console.terminal())
         sys.exit(130)
+    except Exception as exc:
+        if console.log_file():  # the traceback goes there (descriptor 2); say so where the user looks
+            traceback.print_exc()
+            print(f"pneumonet: unexpected error: {exc!r}; the traceback is in {console.log_file()}", file=console.terminal())
+            sys.exit(1)
+        raise
+    finally:
+        console.restore()
 
 
 if __name__ == "__main__":

@@ -145,11 +145,22 @@ class DistributedConfig(_Strict):
     """Ray Train resources and fault tolerance."""
 
     workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0.0)
+    cpus_per_worker: float | Literal["auto"] = Field(
+        "auto",
+        description="CPUs each worker reserves and TensorFlow threads it runs; auto: a local cluster's cores shared by "
+        "the workers, on a cluster the CPUs of its nodes (the worker pods' CPU limits).",
+    )
     gpus_per_worker: float = Field(0.0, ge=0.0)
     storage: str | None = Field(None, description="Run storage: a folder or s3:// URI for checkpoints and models.")
     max_failures: int = Field(2, ge=0)
     mixed_precision: Literal["auto", "off", "mixed_float16", "mixed_bfloat16"] = "auto"
+
+    @field_validator("cpus_per_worker")
+    @classmethod
+    def _positive(cls, value: float | str) -> float | str:
+        if value != "auto" and value <= 0:
+            raise ValueError("must be greater than 0 (or auto)")
+        return value
 
 
 class TrackingConfig(_Strict):

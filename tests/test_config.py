@@ -63,3 +63,25 @@ def test_image_limits_default_and_override():
     assert load_config(None, ["data.max_image_bytes=1000000"]).data.max_image_bytes == 1_000_000
     assert load_config().data.max_decode_seconds == 30.0 and load_config().serve.request_timeout_s == 30.0
     assert load_config(None, ["data.max_decode_seconds=null"]).data.max_decode_seconds is None  # in-process, no limit
+
+
+def test_workers_use_every_core_of_this_machine_by_default(monkeypatch):
+    from pneumonet.training import resources
+
+    monkeypatch.setattr(resources, "machine_cpus", lambda: 8)
+    assert load_config().distributed.cpus_per_worker == "auto"
+    assert resources.worker_cpus(load_config(), local=True) == 8.0
+    assert resources.worker_cpus(load_config(None, ["distributed.workers=3"]), local=True) == 2.6666
+    assert resources.worker_cpus(load_config(None, ["distributed.cpus_per_worker=1.5"]), local=True) == 1.5
+    with pytest.raises(ConfigError, match="cpus_per_worker"):
+        load_config(None, ["distributed.cpus_per_worker=0"])
+
+
+def test_on_a_cluster_auto_follows_the_nodes_cpus():
+    from pneumonet.training.resources import auto_worker_cpus
+
+    assert auto_worker_cpus([0.0, 4.0, 4.0], 2) == 4.0  # a head without CPUs, two 4-CPU worker pods
+    assert auto_worker_cpus([4.0], 2) == 2.0  # two workers share one pod
+    assert auto_worker_cpus([4.0, 4.0], 3) == 2.0  # whole CPUs, so three fit on two pods
+    assert auto_worker_cpus([1.0], 4) == 0.25
+    assert auto_worker_cpus([0.0], 1) == 0.0  # nothing to follow yet (autoscaling from zero)

@@ -25,6 +25,8 @@ import k8s_validation as kv
 import pytest
 import yaml
 
+from pneumonet.training.resources import auto_worker_cpus
+
 REPO = kv.REPO
 SUFFIX = "-sfx"
 
@@ -703,8 +705,11 @@ def test_workloads_fit_their_ray_clusters(builds: dict) -> None:
     for env in ("dev", "gpu"):
         train = workload(builds, env, "RayJob", "pneumonet-train")
         _, flags, _ = entrypoint(train)
-        bundle = {"cpu": float(flags.get("--cpus-per-worker", 1)), "gpu": float(flags.get("--gpus-per-worker", 0))}
-        assert fits(ray_capacity(train), int(flags["--workers"]), bundle), f"{env} train"
+        capacity, workers = ray_capacity(train), int(flags["--workers"])
+        pods = [group["cpu"] for group in capacity for _ in range(int(group["pods"]))]  # auto: what the job would reserve
+        cpus = float(flags["--cpus-per-worker"]) if "--cpus-per-worker" in flags else auto_worker_cpus(pods, workers)
+        bundle = {"cpu": cpus, "gpu": float(flags.get("--gpus-per-worker", 0))}
+        assert fits(capacity, workers, bundle), f"{env} train"
 
         score = workload(builds, env, "RayJob", "pneumonet-score")
         _, flags, _ = entrypoint(score)

@@ -251,8 +251,10 @@ def _error_line(capsys, argv: list[str]) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 1
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("pneumonet: error: "), err
+    lines = capsys.readouterr().err.strip().splitlines()
+    *before, err = lines
+    assert all(" INFO pneumonet: log: " in line for line in before) and len(before) <= 1, lines  # the log file named first
+    assert err.startswith("pneumonet: error: "), lines
     return err
 
 

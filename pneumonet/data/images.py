@@ -29,6 +29,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 from pydicom.valuerep import VR
 from tqdm import tqdm
 
+from pneumonet import console
 from pneumonet.errors import ImageDecodeError, StorageError
 from pneumonet.storage import read_bytes
 
@@ -285,7 +286,7 @@ def load_many(
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pneumonet-decode")
     try:
         outcomes = pool.map(one, uris)
-        bar = tqdm(outcomes, total=len(uris), desc=progress, unit="img", disable=progress is None)
+        bar = tqdm(outcomes, total=len(uris), desc=progress, unit="img", disable=progress is None, file=console.terminal())
         for index, outcome in enumerate(bar):
             if isinstance(outcome, str):
                 failures[uris[index]] = outcome

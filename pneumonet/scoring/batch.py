@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pneumonet import storage
+from pneumonet import console, storage
 from pneumonet.artifact_meta import operating_threshold
 from pneumonet.commandline import parse, verbose_parent
 from pneumonet.config import Config, load_config
@@ -375,8 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="batch_score.py", description=SCORE_DESCRIPTION, parents=[verbose_parent()])
     add_score_arguments(parser)
     args = parse(parser, argv)
-    level = logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    console.configure(getattr(args, "verbose", False))  # a job's log is its console: everything stays there
     try:
         run_from_args(args)
     except PneumonetError as exc:

@@ -42,7 +42,8 @@ def set_serve_env() -> None:
 
 
 def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (a RayJob), or start a local Ray sized for this machine.
+    """Join the cluster named by RAY_ADDRESS (a RayJob), or start this command's own local Ray
+    (:mod:`pneumonet.local_ray`) sized for this machine.
 
     A local Ray's workers inherit this process's environment at start (S3 settings, tokens), so
     set those before the first call.
@@ -54,8 +55,10 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(ignore_reinit_error=True, log_to_driver=True)
     else:
+        from pneumonet import local_ray
+
         os.environ.setdefault(INLINE_RESULT_ENV, str(INLINE_RESULT_BYTES))
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, ignore_reinit_error=True, log_to_driver=True)
+        local_ray.start(local_ray.machine_cpus(), dashboard=False)
 
 
 @contextlib.contextmanager

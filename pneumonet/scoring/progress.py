@@ -16,15 +16,11 @@ import time
 from collections import deque
 from typing import Any
 
+from pneumonet.console import duration
+
 log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 60.0
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 class Progress:
@@ -82,7 +78,7 @@ class Progress:
             f"progress: {values['files_done']:,}/{values['files_total']:,} files this run{share}, "
             f"{values['already_done']:,} already done; {rate:,.1f} images/s"
             + (f" ({recent:,.1f} over the last {WINDOW_SECONDS:.0f} s)" if recent is not None else "")
-            + f"; {values['failures']:,} failed; ETA {_duration(eta) if eta is not None and values['files_done'] else 'unknown'}"
+            + f"; {values['failures']:,} failed; ETA {duration(eta) if eta is not None and values['files_done'] else 'unknown'}"
         )
 
     def report(self) -> None:

@@ -97,11 +97,10 @@ def run_job(argv: Sequence[str] | None = None, prog: str = "train", description:
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     args = parse(add_train_arguments(parser), argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")  # fmt: skip
-    for noisy in ("absl", "tensorflow", "h5py", "matplotlib", "PIL", "urllib3", "botocore", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pneumonet import console
     from pneumonet.errors import PneumonetError
+
+    console.configure(args.verbose)  # a job's log is its console: everything stays there
 
     try:
         print_summaries(train_from_args(args))

@@ -9,10 +9,10 @@ after a failure reuses it. Files that do not decode stay as rows with an ``error
 manifest, as in a single-process run) and are filtered out before training.
 
 Resources: a decode task asks for :data:`DECODE_CPUS` CPU and decodes its block with
-``data.decode_workers`` threads (Pillow and pyarrow release the GIL). Ray Train reserves the workers'
-CPUs first and Ray Data schedules in what is left, so a cluster needs more than
-``workers × cpus_per_worker`` CPUs, or the decode waits forever: :func:`pneumonet.training.distributed.ensure_ray`
-sizes a local cluster accordingly.
+``data.decode_workers`` threads (Pillow and pyarrow release the GIL). Every Ray Data task runs before
+training starts (decoding, and :func:`usable`, materialized too), so the workers may reserve every CPU
+of the cluster: their ingest only reads blocks from the object store, which needs no CPU (a task
+waiting behind the workers' reservations would wait forever).
 
 Sharding (:class:`IngestConfig`): ``train`` is split into equal shards, because every worker must run
 the same number of steps (at most ``workers - 1`` images of the split sit out); ``val`` is split
@@ -90,8 +90,8 @@ def _drop_failed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def usable(dataset: ray.data.Dataset) -> ray.data.Dataset:
-    """Only the rows that decoded, with the columns training needs."""
-    return dataset.map_batches(_drop_failed, batch_format="numpy", batch_size=None, num_cpus=DECODE_CPUS)
+    """Only the rows that decoded, with the columns training needs: materialized now, while no worker holds a CPU."""
+    return dataset.map_batches(_drop_failed, batch_format="numpy", batch_size=None, num_cpus=DECODE_CPUS).materialize()
 
 
 def failures(dataset: ray.data.Dataset, rows: pd.DataFrame) -> dict[str, str]:

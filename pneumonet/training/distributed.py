@@ -20,10 +20,12 @@ all call :func:`run_training`, which
 
 Resources (``distributed.*``, or ``--workers``/``--cpus-per-worker``/``--gpus-per-worker``): every worker
 reserves ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs (fractions allowed) and uses
-``int(cpus_per_worker)`` (at least 1) TensorFlow threads. Ray Data's decode tasks need 1 CPU beside them,
-so a cluster needs more than ``workers × cpus_per_worker`` CPUs; a local cluster is started with
-``max(cores, ceil(workers × cpus_per_worker) + 1)`` logical CPUs, so e.g. 2 workers on a 2-core laptop
-run (slower, oversubscribed) instead of waiting forever.
+``int(cpus_per_worker)`` (at least 1) TensorFlow threads. ``auto`` (the default, :func:`worker_cpus`)
+shares the machine's cores among the workers on a local cluster and follows the nodes' CPUs (a
+RayJob's worker pods) on a cluster. The splits are decoded and filtered before training starts
+(:mod:`pneumonet.training.data`), so Ray Data needs no CPU beside the workers: a local cluster has
+``max(cores, ceil(workers × cpus_per_worker))`` logical CPUs, and e.g. 2 workers × 2 CPUs on a 2-core
+laptop run (oversubscribed) instead of waiting forever.
 
 Fault tolerance: ``FailureConfig(max_failures=distributed.max_failures)``; after a worker dies Ray
 Train restarts the worker group and every worker restores the last checkpoint (``ray.train.get_checkpoint``:
@@ -38,15 +40,18 @@ import logging
 import math
 import os
 import threading
+import time
 from typing import Any
 
 import keras
 from pydantic import ValidationError
 
 from pneumonet import storage, tracking
+from pneumonet.console import duration
 from pneumonet.config import VARIANTS, Config, Variant
 from pneumonet.data.catalog import read_manifest, shared_patients, write_manifest
 from pneumonet.errors import ArtifactError, ConfigError, DataError, PneumonetError
+from pneumonet.training.resources import worker_cpus
 from pneumonet.training.runs import (
     LATEST,
     MANIFEST_FILE,
@@ -80,34 +85,31 @@ class TrainingRunError(PneumonetError):
 def ensure_ray(config: Config) -> bool:
     """Connect to the job's Ray cluster (``RAY_ADDRESS``) or start a local one; True if this call did either.
 
-    A local cluster gets ``max(cores, ceil(workers × cpus_per_worker) + 1)`` logical CPUs, so Ray Data
-    always has a CPU beside the training workers (see the module docstring).
+    A local cluster gets ``max(cores, ceil(workers × cpus_per_worker))`` logical CPUs (see the module docstring).
     """
     import ray
     from ray.train.v2._internal.constants import is_v2_enabled
 
-    from pneumonet.training.data import DECODE_CPUS
+    from pneumonet import local_ray
 
     if not is_v2_enabled():
         raise ConfigError("RAY_TRAIN_V2_ENABLED=0 is set, but pneumonet needs Ray Train V2: unset it")
     if ray.is_initialized():
         return False
     dist = config.distributed
-    need = dist.workers * dist.cpus_per_worker + DECODE_CPUS
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
-        have = ray.cluster_resources().get("CPU", 0.0)
+        need, have = dist.workers * worker_cpus(config, local=False), ray.cluster_resources().get("CPU", 0.0)
         if have < need:
             log.warning("the Ray cluster has %.1f CPUs now; this job needs %.1f (an autoscaler may add more)", have, need)
         return True
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # inherited by the local cluster's processes
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # no preemptible nodes here: one process less per run
-    cpus = max(os.cpu_count() or 1, math.ceil(need))
+    need = dist.workers * worker_cpus(config, local=True)
     # The dashboard stays on: Ray Train V2 watches its controller through the State API it serves.
-    ray.init(num_cpus=cpus, logging_level=logging.WARNING)
-    log.info("started a local Ray with %d logical CPUs", cpus)
+    local_ray.start(max(local_ray.machine_cpus(), math.ceil(need - 1e-9)))
     return True
 
 
@@ -157,10 +159,11 @@ class EpochRelay:
     puts each report into a Ray queue and a thread of the driver takes it out.
     """
 
-    def __init__(self, variant: str, run: tracking.TrackingRun) -> None:
+    def __init__(self, variant: str, run: tracking.TrackingRun, epochs: int) -> None:
         from ray.util.queue import Queue
 
-        self.variant, self.run = variant, run
+        self.variant, self.run, self.planned = variant, run, epochs
+        self._last = time.monotonic()  # when the previous report came: the ETA's pace
         self.queue = Queue(actor_options={"num_cpus": 0})
         self.epochs: list[list[dict[str, Any]]] = []
         self._stop = threading.Event()
@@ -192,10 +195,15 @@ class EpochRelay:
         self.epochs.append(ranks)
         first = ranks[0]
         self.run.log({key: first[key] for key in EPOCH_KEYS if key in first})
+        now = time.monotonic()
+        # The pace: the time between two reports; the first one's includes the workers' start, so its own epoch time.
+        pace = now - self._last if self.epochs[:-1] else first["epoch_seconds"]
+        left = (self.planned - first["epoch"]) * pace  # at most: early stopping may end sooner
+        self._last = now
         log.info(
-            "%s epoch %d: loss %.4f  acc %.3f  val_loss %.4f  val ROC-AUC %.4f  %.0f img/s on %d worker(s)",
-            self.variant, first["epoch"], first["loss"], first["accuracy"], first["val_loss"], first["val_roc_auc"],
-            first["images_per_second"], len(ranks),
+            "%s epoch %d/%d: loss %.4f  acc %.3f  val ROC-AUC %.4f  %.0f img/s  ETA %s (%d worker(s))",
+            self.variant, first["epoch"], self.planned, first["loss"], first["accuracy"], first["val_roc_auc"],
+            first["images_per_second"], duration(left), len(ranks),
         )  # fmt: skip
 
     def close(self) -> None:
@@ -204,11 +212,11 @@ class EpochRelay:
         self.queue.shutdown(force=True)
 
 
-def _scaling(config: Config):
+def _scaling(config: Config, cpus: float):
     from ray.train import ScalingConfig
 
     dist = config.distributed
-    resources = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if dist.gpus_per_worker else {})}
+    resources = {"CPU": cpus, **({"GPU": dist.gpus_per_worker} if dist.gpus_per_worker else {})}
     return ScalingConfig(num_workers=dist.workers, use_gpu=dist.gpus_per_worker > 0, resources_per_worker=resources)
 
 
@@ -236,7 +244,7 @@ def _fit(variant: Variant, config: Config, layout: RunLayout, datasets: dict, sp
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config=spec,
-        scaling_config=_scaling(config),
+        scaling_config=_scaling(config, spec["cpus"]),
         run_config=run_config,
         datasets=datasets,
         dataset_config=IngestConfig(),
@@ -279,7 +287,7 @@ def _train_variant(
         group=layout.run_id, out=out or layout.storage, mode=mode,
         extra_config={"variant": variant, "run_id": layout.run_id, "data_root": data.root, "storage": layout.storage},
     ) as run:  # fmt: skip
-        relay = EpochRelay(variant, run)
+        relay = EpochRelay(variant, run, config.train.finetune_epochs if variant == "finetune" else config.train.epochs)
         try:
             result = _fit(variant, config, layout, datasets, {**spec, "variant": variant}, relay)
         finally:
@@ -367,6 +375,7 @@ def run_training(
         from pneumonet.training.data import collect, decode_split, failures, usable
 
         size = config.model.image_size
+        log.info("decoding %s images with Ray Data", ", ".join(f"{len(getattr(plan, split))} {split}" for split in ("train", "val", "test")))
         decoded = {split: decode_split(getattr(plan, split), config) for split in ("train", "val", "test") if len(getattr(plan, split))}
         val = collect(decoded["val"], plan.val, size)
         test = collect(decoded["test"], plan.test, size) if "test" in decoded else None
@@ -382,15 +391,16 @@ def run_training(
                               "manifest_digest": plan.digest, "config": config.model_dump(mode="json")})  # fmt: skip
         data = EvalData(root, val, test, plan.digest, shared_patients(plan.manifest))
         datasets = {"train": usable(decoded["train"]), "val": usable(decoded["val"])}
-        spec = {"config": config.model_dump(mode="json"), "class_weight": list(class_weight_of(plan.train)),
-                "cpus": config.distributed.cpus_per_worker}  # fmt: skip
+        del decoded  # the filtered copies are all training needs
+        cpus = worker_cpus(config, local=not os.environ.get("RAY_ADDRESS"))
+        spec = {"config": config.model_dump(mode="json"), "class_weight": list(class_weight_of(plan.train)), "cpus": cpus}
         summaries: dict[str, dict] = {}
         for variant in variants:
             if resume and layout.is_finished(variant):
                 log.info("%s: already finished in run %s", variant, layout.run_id)
                 summaries[variant] = _finished_summary(layout, variant)
             else:
-                log.info("training %s (run %s, %d worker(s))", variant, layout.run_id, config.distributed.workers)
+                log.info("training %s (run %s, %d worker(s) × %g CPUs)", variant, layout.run_id, config.distributed.workers, cpus)
                 variant_spec = {**spec, "transfer_uri": transfer_uri if variant == "finetune" else None}
                 summaries[variant] = _train_variant(variant, config, layout, datasets, data, variant_spec, mode, out)
             _published(summaries[variant], layout, variant, out)

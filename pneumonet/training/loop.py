@@ -279,15 +279,14 @@ class Fitter:
 
     def train_epoch(self, dataset, steps: int, global_batch: int) -> tuple[float, float, int]:
         """``steps`` steps over a distributed dataset; (mean weighted loss, accuracy, images) over all replicas."""
-        loss_sum = correct = seen = 0.0
+        totals = tf.zeros(3)
         batch = tf.constant(float(global_batch))
         iterator = iter(dataset)
         for _ in range(steps):
             x, y = next(iterator)
-            step_loss, step_correct, step_seen = self._step(x, y, batch)
-            loss_sum += float(step_loss)
-            correct += float(step_correct)
-            seen += float(step_seen)
+            # Summed on the device and read once per epoch: a float() per step would wait for every step.
+            totals += tf.stack(self._step(x, y, batch))
+        loss_sum, correct, seen = (float(value) for value in totals.numpy())
         return loss_sum / max(seen, 1.0), correct / max(seen, 1.0), int(seen)
 
 

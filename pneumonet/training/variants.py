@@ -319,13 +319,14 @@ def class_weight_of(rows: pd.DataFrame) -> tuple[float, float]:
     return balanced_class_weight(labels_of(rows))
 
 
-def train_variants(config: Config, variants: list[Variant], root: str, out: str) -> dict[str, dict]:
+def train_variants(config: Config, variants: list[Variant], root: str, storage_root: str, out: str | None = None) -> dict[str, dict]:
     """Train the variants in order (finetune after transfer) with Ray Train on a local Ray cluster
-    (started here, or the one ``RAY_ADDRESS`` names) and publish the artifacts as ``out/<variant>``.
+    (started here, or the one ``RAY_ADDRESS`` names).
 
-    ``out`` is also the run storage (checkpoints, ``models/<variant>/<run-id>``) unless the config sets
-    ``distributed.storage``.
+    ``storage_root`` keeps the run (checkpoints) and the models, ``models/<variant>/<run-id>`` with a
+    ``latest`` pointer, unless the config sets ``distributed.storage``; with ``out`` the artifacts are
+    also published as ``out/<variant>``.
     """
     from pneumonet.training.distributed import run_training
 
-    return run_training(config, variants, root, storage_root=config.distributed.storage or out, out=out)
+    return run_training(config, variants, root, storage_root=config.distributed.storage or storage_root, out=out)
