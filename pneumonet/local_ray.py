@@ -14,6 +14,8 @@ do by itself when several local instances are up:
 
 Its workers run at the command's own priority: Ray's default adds 15 to their niceness, so a training
 on a workstation would yield its cores to everything else running there (measured: nice 15 here).
+And its agents get two minutes, not Ray's 15 s, to start: on a busy machine (two commands at once at
+load average 40) the raylet gave up on the metrics agent and the command failed at start-up.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pneumonet import console
 log = logging.getLogger(__name__)
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+# Ray's system config for a local cluster (see the module docstring).
+SYSTEM_CONFIG = {"worker_niceness": 0, "agent_register_timeout_ms": 120_000}
 
 
 def machine_cpus() -> int:
@@ -57,7 +61,7 @@ def start(num_cpus: int, dashboard: bool = True) -> None:
         os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
         kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
     context = ray.init(address="local", num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=True,
-                       _system_config={"worker_niceness": 0}, **kwargs)  # fmt: skip
+                       _system_config=SYSTEM_CONFIG, **kwargs)  # fmt: skip
     if dashboard and context.dashboard_url and not context.dashboard_url.endswith(f":{port}"):
         # Another process took the port between the probe and Ray's bind: this cluster's processes
         # would ask that one's State API. Rare; refuse rather than train against the wrong cluster.
