@@ -211,7 +211,7 @@ class DriftConfig(_Strict):
     (training, ``pneumonet drift-reference``) and how windows of new images are tested against it."""
 
     max_vectors: int = Field(2000, ge=20, description="Reference embeddings kept (a patient-grouped sample of the validation images).")
-    pca_components: int = Field(16, ge=1, description="Principal components of the reference embeddings (the rest is one noise variance).")
+    pca_components: int = Field(32, ge=1, description="Principal components of the reference embeddings (the rest: one residual).")
     ood_quantile: float = Field(
         0.99, gt=0.5, lt=1.0, description="An image is out of distribution beyond this quantile of held-out reference distances."
     )
