@@ -137,7 +137,8 @@ def test_predict_raw_body_and_multipart(endpoint: str, model_uri: str) -> None:
     assert body["probability"] == pytest.approx(expected_probability(model_uri, data), abs=1e-5)
     assert form.json()["probability"] == pytest.approx(body["probability"], abs=1e-6)
     assert body["prediction"] == ("PNEUMONIA" if body["probability"] >= 0.5 else "NORMAL")
-    assert body["threshold"] == 0.5 and body["model"] == {"name": artifact.name, "version": artifact.version}
+    # registry_version: the <variant>/<run-id> the app resolved at start-up; none for a folder outside a registry.
+    assert body["threshold"] == 0.5 and body["model"] == {"name": artifact.name, "version": artifact.version, "registry_version": None}
     assert body["threshold_source"] == "validation"  # not calibrated to a site
     assert body["latency_ms"] > 0 and body["batch_size"] >= 1
     octet = post(f"{endpoint}/v1/predict", data=data, headers={"Content-Type": "application/octet-stream"})

@@ -23,8 +23,9 @@ Exactly once: a part is visible whole or not at all, each run scores only URIs t
 and a part's name is a digest of its URIs, so a task retried by Ray rewrites its own part instead
 of adding a copy. A killed job re-run with the same output therefore finishes the rest, with no
 duplicates and no gaps; the final check proves it (or fails the job, naming the counts). A file
-that cannot be read or decoded (one shared decoder, :func:`pneumonet.data.images.load_image`)
-becomes a row with an ``error`` instead of failing the job.
+that cannot be read or decoded (one shared decoder, :func:`pneumonet.data.images.load_image`, run
+in a child process killed at ``data.max_decode_seconds``) becomes a row with an ``error`` and its
+``error_kind`` instead of failing the job, and the summary counts them by kind.
 """
 
 from __future__ import annotations

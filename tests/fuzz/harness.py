@@ -448,8 +448,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=10.0, help="slowest a case may be (shared, loaded CPUs)")
     parser.add_argument("--max-rss-mb", type=float, default=2048.0)
     parser.add_argument("--results", type=Path, help="append the figures to this Markdown file")
+    parser.add_argument("--endpoint", help="post the multipart cases to this running endpoint (http://127.0.0.1:8000) instead")
     args = parser.parse_args(argv)
-    tally = run(args.cases, args.seed, args.budget_s, args.max_seconds, args.max_rss_mb, log_every=1000)
+    if args.endpoint:
+        tally = run_endpoint(f"{args.endpoint.rstrip('/')}/v1/predict/batch", args.cases, args.seed, args.budget_s, args.max_seconds)
+    else:
+        tally = run(args.cases, args.seed, args.budget_s, args.max_seconds, args.max_rss_mb, log_every=1000)
     text = report(tally, args.seed, "python tests/fuzz/harness.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(text)
     if args.results:
