@@ -88,9 +88,31 @@ def model_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     return save_artifact(build_model("custom", config.model, seed=2), meta, str(tmp_path_factory.mktemp("model") / "m"))
 
 
+def synthetic_chests(folder: Path, seed: int) -> list[bytes]:
+    """JPEGs of synthetic chest X-rays (the kind the drift reference below holds)."""
+    from pneumonet.data.synthetic import synthesize_dataset
+
+    return [path.read_bytes() for path in sorted(synthesize_dataset(folder, n=160, size=48, seed=seed).rglob("*.jpeg"))]
+
+
 @pytest.fixture(scope="module")
-def endpoint(model_uri: str) -> Iterator[str]:
-    """Base URL of the Serve proxy; apps "open" at / and "secure" at /secure."""
+def drift_model_uri(model_uri: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The module's model with a drift reference of ~200 synthetic chest images."""
+    from pneumonet.artifact import DRIFT_KEY, derive_artifact
+    from pneumonet.evaluation.drift import build_reference, reference_files
+
+    artifact = load_artifact(model_uri)
+    images = np.stack([load_image(data, "x.jpeg", SIZE) for data in synthetic_chests(tmp_path_factory.mktemp("ref"), 31)])
+    raw, embeddings = artifact.predict_with_embeddings(images)
+    ref, record = build_reference(raw, embeddings, np.arange(len(images)), load_config().drift)
+    record, files = reference_files(ref, record)
+    return derive_artifact(artifact, {**artifact.meta, DRIFT_KEY: record}, str(tmp_path_factory.mktemp("m") / "drift"), files)
+
+
+@pytest.fixture(scope="module")
+def endpoint(model_uri: str, drift_model_uri: str) -> Iterator[str]:
+    """Base URL of the Serve proxy; apps "open" at / and "secure" at /secure, "drift" (with a drift
+    reference) at /drift."""
     import ray
     from ray import serve
 
@@ -109,6 +131,8 @@ def endpoint(model_uri: str) -> Iterator[str]:
         serve.run(build_app(model_uri, load_config(None, base), **REPLICA), name="open", route_prefix="/")
         secure = load_config(None, [*base, f"serve.auth_token_env={TOKEN_ENV}"])
         serve.run(build_app(model_uri, secure, **REPLICA), name="secure", route_prefix="/secure")
+        drift = load_config(None, [*base, "drift.window=40", "drift.check_every=10", "drift.min_images=20"])
+        serve.run(build_app(drift_model_uri, drift, **REPLICA), name="drift", route_prefix="/drift")
         for name, (overrides, options) in APPS.items():
             app = build_app(model_uri, load_config(None, [*base, *overrides]), **REPLICA, **options)
             serve.run(app, name=name, route_prefix=f"/{name}")
@@ -374,6 +398,37 @@ def test_an_alias_is_resolved_once_at_start_up_and_reported(endpoint: str, model
         assert body["model"] == {"name": info["name"], "version": digest, "registry_version": "custom/run-1"}
     finally:
         serve.delete("alias")
+
+
+def test_each_image_is_gated_and_the_window_of_recent_images_has_a_verdict(endpoint: str, drift_model_uri: str, tmp_path: Path) -> None:
+    from pneumonet.evaluation.drift import read_reference
+
+    # Without a reference: answered, unchecked, and said so.
+    assert post(f"{endpoint}/v1/predict", data=png(1), headers={"Content-Type": "image/png"}).json()["in_distribution"] is None
+    assert requests.get(f"{endpoint}/v1/drift", timeout=TIMEOUT).json()["verdict"] == "not checked"
+
+    url = f"{endpoint}/drift"
+    assert requests.get(f"{url}/v1/drift", timeout=TIMEOUT).json()["verdict"] == "insufficient data"
+    ref = read_reference(drift_model_uri, load_artifact(drift_model_uri).meta)
+    artifact = load_artifact(drift_model_uri)
+
+    def batch(images: list[bytes]) -> list[dict]:
+        files = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+        return post(f"{url}/v1/predict/batch", files=files).json()["results"]
+
+    chests = synthetic_chests(tmp_path, 32)[:40]
+    results = [r for start in range(0, 40, 4) for r in batch(chests[start : start + 4])]
+    _, embeddings = artifact.predict_with_embeddings(np.stack([load_image(d, "x.jpeg", SIZE) for d in chests]))
+    assert [r["in_distribution"] for r in results] == ref.gate(embeddings)[0].tolist()
+    assert all(("ood_reason" in r) == (not r["in_distribution"]) for r in results)
+    calm = requests.get(f"{url}/v1/drift", timeout=TIMEOUT).json()
+    assert calm["verdict"] == "no drift" and calm["window"] == {"images": 40, "capacity": 40}, calm
+
+    noise = [r for seed in range(40) for r in batch([png(100 + seed)])]  # the window now holds noise only
+    assert sum(not r["in_distribution"] for r in noise) >= 36 and "beyond" in noise[0]["ood_reason"]
+    alarm = requests.get(f"{url}/v1/drift", timeout=TIMEOUT).json()
+    assert alarm["verdict"] == "drift" and alarm["window"]["images"] == 40, alarm
+    assert alarm["tests"]["ood_share"]["p_adjusted"] <= alarm["alpha"]
 
 
 def test_multipart_parser() -> None:

@@ -50,6 +50,7 @@ from pneumonet.artifact_meta import operating_threshold
 from pneumonet.commandline import parse, verbose_parent
 from pneumonet.config import Config, load_config
 from pneumonet.errors import DataError, PneumonetError
+from pneumonet.evaluation.drift import NO_REFERENCE, read_reference, sample_key, sample_rate
 from pneumonet.registry import ResolvedModel, resolve_model
 from pneumonet.scoring import parts
 from pneumonet.scoring.cluster import init_ray, remote_errors
@@ -58,7 +59,7 @@ from pneumonet.scoring.options import SCORE_DESCRIPTION, add_score_arguments
 from pneumonet.scoring.plan import Plan, reconcile
 from pneumonet.scoring.predict import decide
 from pneumonet.scoring.progress import Progress
-from pneumonet.scoring.summary import summarize_output, write_summary
+from pneumonet.scoring.summary import DRIFT_PLOT_FILE, drift_summary, summarize_output, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +140,15 @@ def decode_batch(
 
 
 class Scorer:
-    """Ray Data stage 2 (an actor): loads the model once, then scores batches of decoded images."""
+    """Ray Data stage 2 (an actor): loads the model once, then scores batches of decoded images.
 
-    def __init__(self, model_uri: str, model_id: str) -> None:
+    With a drift reference in the artifact, the same forward pass gives each image's embedding: every
+    row gets ``in_distribution`` (and ``ood_reason`` when false), and the rows whose URI falls into the
+    job's uniform sample (``sample_rate``) carry their raw score and whitened embedding to the writer.
+    Nothing is kept between batches: constant memory per actor.
+    """
+
+    def __init__(self, model_uri: str, model_id: str, sample_rate: float) -> None:
         import tensorflow as tf
 
         from pneumonet.artifact import load_artifact
@@ -150,30 +157,67 @@ class Scorer:
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
         self.artifact = load_artifact(model_uri)
+        self.reference = read_reference(model_uri, self.artifact.meta)
         self.model_id = model_id  # the version the driver resolved (ResolvedModel.label)
+        self.sample_rate = sample_rate
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = [str(error) for error in batch["error"]]
+        uris = [str(uri) for uri in batch["uri"]]
         ok = np.array([not error for error in errors], dtype=bool)
         images = batch["image"]
+        chosen = images if ok.all() else images[ok]
         probs = np.full(len(errors), np.nan)
-        if ok.any():
-            chosen = images if ok.all() else images[ok]
-            probs[ok] = self.artifact.predict_proba(chosen, batch_size=len(chosen))
+        columns: dict[str, pa.Array] = {}
+        if self.reference is None:
+            if ok.any():
+                probs[ok] = self.artifact.predict_proba(chosen, batch_size=len(chosen))
+        else:
+            columns = self._drift_columns(uris, ok, chosen, probs)
         threshold = self.artifact.threshold
         now = datetime.now(UTC)
-        return pa.table(
+        table = pa.table(
             {
-                "uri": pa.array([str(uri) for uri in batch["uri"]], pa.string()),
+                "uri": pa.array(uris, pa.string()),
                 "probability": pa.array(probs, pa.float64(), mask=~ok),
                 "prediction": pa.array([decide(p, threshold) if good else None for p, good in zip(probs, ok)], pa.string()),
                 "model": pa.array([self.model_id] * len(errors), pa.string()),
                 "scored_at": pa.array([now] * len(errors), pa.timestamp("us", tz="UTC")),
                 "error": pa.array([error or None for error in errors], pa.string()),
                 "error_kind": pa.array([str(kind) or None for kind in batch["error_kind"]], pa.string()),
+                "in_distribution": columns.pop("in_distribution", pa.nulls(len(errors), pa.bool_())),
+                "ood_reason": columns.pop("ood_reason", pa.nulls(len(errors), pa.string())),
             },
             schema=parts.SCHEMA,
         )
+        for name, column in columns.items():
+            table = table.append_column(name, column)
+        return table
+
+    def _drift_columns(self, uris: list[str], ok: np.ndarray, chosen: np.ndarray, probs: np.ndarray) -> dict[str, pa.Array]:
+        """Scores ``chosen`` (the decodable images) into ``probs``; the gate's and the sample's columns."""
+        n, reference = len(uris), self.reference
+        inside = np.ones(n, bool)
+        reasons: list[str | None] = [None] * n
+        projection = np.zeros((n, reference.components.shape[0]), np.float32)
+        raw = np.full(n, np.nan)
+        if ok.any():
+            raw[ok], embeddings = self.artifact.predict_with_embeddings(chosen, batch_size=len(chosen))
+            probs[ok] = self.artifact.calibrated(raw[ok].astype(np.float32))
+            inside[ok], gated = reference.gate(embeddings)
+            for index, reason in zip(np.flatnonzero(ok), gated):
+                reasons[index] = reason
+            projection[ok] = reference.project(embeddings)
+        keys = np.array([sample_key(uri) for uri in uris])
+        sampled = ok & (keys < self.sample_rate)
+        return {
+            "in_distribution": pa.array(inside, pa.bool_(), mask=~ok),
+            "ood_reason": pa.array(reasons, pa.string()),
+            "sample_key": pa.array(keys, pa.float64(), mask=~sampled),
+            "raw_probability": pa.array(raw, pa.float64(), mask=~sampled),
+            "projection": pa.FixedSizeListArray.from_arrays(pa.array(projection.ravel(), pa.float32()), projection.shape[1],
+                                                            mask=pa.array(~sampled)),  # fmt: skip
+        }
 
 
 @dataclass
@@ -213,9 +257,9 @@ def _tracking(config: Config, output: str, run_id: str, settings: dict[str, Any]
         yield run
 
 
-def _pipeline(todo: Any, files: int, model: ResolvedModel, config: Config, output: str, run_id: str) -> Any:
+def _pipeline(todo: Any, files: int, model: ResolvedModel, config: Config, output: str, run_id: str, rate: float) -> Any:
     """The lazy Ray Dataset that scores ``todo`` (about ``files`` ``uri`` rows) into parts: one row of
-    counts per part."""
+    counts per part. ``rate``: the share of the archive that goes into the drift sample."""
     import ray
 
     score = config.score
@@ -235,7 +279,7 @@ def _pipeline(todo: Any, files: int, model: ResolvedModel, config: Config, outpu
         Scorer,
         batch_size=score.batch_size,
         batch_format="numpy",
-        fn_constructor_kwargs={"model_uri": model.uri, "model_id": model.label},
+        fn_constructor_kwargs={"model_uri": model.uri, "model_id": model.label, "sample_rate": rate},
         compute=ray.data.ActorPoolStrategy(size=score.workers),
         num_gpus=score.gpus_per_worker or None,
     )
@@ -268,6 +312,9 @@ def score_archive(model_ref: str, input_uri: str, output_uri: str, config: Confi
 
     model = resolve_model(model_ref)  # fail fast on the driver (kept free of TensorFlow: it runs on the head)
     meta, model_id = model.meta, model.label
+    reference = read_reference(model.uri, meta)
+    if reference is None:
+        log.warning("%s: %s", model.uri, NO_REFERENCE)
     output = storage.absolute(output_uri)
     storage.check_access(output, write=True)
     parts.remove_stale_temporaries(output)
@@ -298,14 +345,24 @@ def score_archive(model_ref: str, input_uri: str, output_uri: str, config: Confi
                     "a URI; run the job again to score the missing ones"
                 )
             summary = summarize_output(output)
+            title = f"{model_id} on {input_uri}"
+            summary["drift"], drift_plot = drift_summary(output, reference, config.drift, title)
+            _log_drift(summary)
             threshold, source = operating_threshold(meta)
             summary.update(missing=check.missing, duplicate_rows=check.duplicate_rows, model=model_id,
                            model_uri=model.uri, model_version=model.version, model_alias=model.alias,
                            model_ref=model.ref, input=input_uri, output=output, threshold=threshold,
                            threshold_source=source, run=stats.as_dict())  # fmt: skip
-            write_summary(output, summary, threshold, f"{model_id} on {input_uri}")
+            write_summary(output, summary, threshold, title, drift_plot)
             run.summary({key: value for key, value in summary.items() if key != "failure_examples"})
+            if drift_plot is not None:
+                run.log_images({"drift": storage.join(output, DRIFT_PLOT_FILE)})
     return summary
+
+
+def _log_drift(summary: dict[str, Any]) -> None:
+    if summary["drift"]["verdict"] != "not checked":
+        log.log(logging.WARNING if summary["drift"]["verdict"] == "drift" else logging.INFO, "%s", _drift_line(summary))
 
 
 def _log_plan(plan: Plan, input_uri: str, output: str, model_id: str, stats: RunStats) -> None:
@@ -328,7 +385,8 @@ def _run_pipeline(plan: Plan, model: ResolvedModel, config: Config, output: str,
         for number, todo in enumerate(waves, 1):
             if len(waves) > 1:
                 log.info("wave %d of %d (about %d files each)", number, len(waves), per_wave)
-            dataset = _pipeline(todo, per_wave, model, config, output, stats.run_id)
+            rate = sample_rate(config.drift.sample, plan.inputs)  # of the whole input, so a resumed job draws alike
+            dataset = _pipeline(todo, per_wave, model, config, output, stats.run_id, rate)
             for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for rows, failures in zip(table.column("rows").to_pylist(), table.column("failures").to_pylist()):
                     progress.add(rows, failures)
@@ -361,8 +419,20 @@ def describe(summary: dict[str, Any]) -> str:
         f"this run: {run['scored_this_run'] + run['failed_this_run']} files in {run['seconds']} s{rate} "
         f"({run['already_scored']} already scored)\n"
         f"predictions: {predictions}; p(PNEUMONIA) {spread}\n"
+        f"{_drift_line(summary)}\n"
         f"summary: {storage.join(summary['output'], '_summary.json')}"
     )
+
+
+def _drift_line(summary: dict[str, Any]) -> str:
+    """One line on drift: the verdict, the Holm-adjusted p-values and the images flagged."""
+    drift = summary["drift"]
+    if drift["verdict"] == "not checked":
+        return "drift: not checked (the model has no drift reference)"
+    flagged = summary["out_of_distribution"]
+    tests = ", ".join(f"{name} p={test['p_adjusted']:.3g}" for name, test in drift["tests"].items()) or "no test"
+    return (f"drift: {drift['verdict']} on {drift['n']} sampled images ({tests}; Holm-adjusted, alpha {drift['alpha']:g}); "
+            f"{flagged['flagged']} of {flagged['checked']} images out of distribution")
 
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:

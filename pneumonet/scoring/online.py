@@ -9,6 +9,13 @@ One ingress deployment, ``PneumonetModel`` (FastAPI), per replica one model:
 - ``POST /v1/predict/batch``: several images as multipart fields ``files``; one result per image,
   in order. An image that cannot be decoded gets ``{"filename", "error"}`` in its place and the
   others are still scored (200 overall); refusing the whole request is for request-level faults.
+  Each scored image has ``in_distribution`` (null without a drift reference) and, when false,
+  ``ood_reason``: an image unlike the validation images is scored anyway, and said to be.
+- ``GET /v1/drift``: the drift verdict of this replica's window of recent images (the last
+  ``drift.window``) against the artifact's drift reference, with the window tests of
+  :mod:`pneumonet.evaluation.drift`; ``"not checked"`` for an artifact without a reference. Every
+  ``drift.check_every`` images the replica tests its window itself: when the verdict turns it logs a
+  line and sets the metric ``pneumonet_drift`` (1 drift, 0 not) and counts ``pneumonet_drift_turns``.
 - ``GET /v1/model``: the artifact's metadata, and under ``registry`` what the app's ``model`` argument
   was resolved to at start-up (``ref``, ``uri``, ``version`` = ``<variant>/<run-id>``, ``alias``,
   ``digest``): every replica loads that one folder. ``GET /healthz``: liveness, never authenticated.
@@ -45,6 +52,7 @@ import base64
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +73,7 @@ from pneumonet.config import Config, load_config
 from pneumonet.data.images import load_image
 from pneumonet.data.sandbox import DecoderPool
 from pneumonet.errors import ConfigError, ImageDecodeError
+from pneumonet.evaluation.drift import NO_REFERENCE, read_reference, window_tests
 from pneumonet.registry import ResolvedModel, resolve_model
 from pneumonet.scoring.admission import Admission
 from pneumonet.scoring.predict import decide
@@ -132,6 +141,70 @@ async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 @dataclass
+class _Scored:
+    """What the model call gives one image."""
+
+    probability: float
+    batch_size: int
+    in_distribution: bool | None = None
+    ood_reason: str | None = None
+
+
+class DriftWindow:
+    """A replica's bounded window of recent images (raw score, whitened embedding, gate) and its verdict.
+
+    Re-tested every ``check_every`` images; a turn of the verdict is logged and exported as metrics.
+    """
+
+    def __init__(self, reference: Any, config: Any, model: str) -> None:
+        from ray.util.metrics import Counter, Gauge
+
+        self.reference, self.config, self.model = reference, config, model
+        self.items: deque[tuple[float, np.ndarray, bool]] = deque(maxlen=config.window)
+        self.verdict = "insufficient data"
+        self._since, self._checking = 0, False
+        tags = {"model": model}
+        self._gauge = Gauge("pneumonet_drift", "1 while the replica's window of recent images shows drift", tag_keys=("model",))
+        self._gauge.set_default_tags(tags)
+        self._turns = Counter("pneumonet_drift_turns", "times the drift verdict of a replica's window turned", tag_keys=("model",))
+        self._turns.set_default_tags(tags)
+        self._gauge.set(0)
+
+    def add(self, raw: np.ndarray, embeddings: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
+        """Gate the images of one model call and put them in the window; re-test it when it is time."""
+        inside, reasons = self.reference.gate(embeddings)
+        for item in zip(raw.tolist(), self.reference.project(embeddings), inside.tolist()):
+            self.items.append(item)
+        self._since += len(raw)
+        if self._since >= self.config.check_every and not self._checking:
+            self._since, self._checking = 0, True
+            asyncio.get_running_loop().create_task(self._check())
+        return inside, reasons
+
+    def test(self) -> dict[str, Any]:
+        """The window tests on a snapshot of the window (run in a thread: a permutation test takes a moment)."""
+        items = list(self.items)
+        scores = np.array([item[0] for item in items])
+        projections = np.array([item[1] for item in items]).reshape(len(items), self.reference.components.shape[0])
+        result = window_tests(self.reference, scores, projections, np.array([item[2] for item in items], bool), self.config)
+        return {**result, "window": {"images": len(items), "capacity": self.config.window}}
+
+    async def _check(self) -> None:
+        try:
+            result = await asyncio.to_thread(self.test)
+        finally:
+            self._checking = False
+        if result["verdict"] != self.verdict:
+            tests = ", ".join(f"{name} p={test['p_adjusted']:.3g}" for name, test in result["tests"].items())
+            log.log(logging.WARNING if result["verdict"] == "drift" else logging.INFO,
+                    "drift: the window of the last %d images of %s turned from %r to %r (%s; Holm-adjusted, alpha %g)",
+                    result["n"], self.model, self.verdict, result["verdict"], tests or "no test", result["alpha"])  # fmt: skip
+            self.verdict = result["verdict"]
+            self._gauge.set(1 if self.verdict == "drift" else 0)
+            self._turns.inc()
+
+
+@dataclass
 class _Ticket:
     """One image in the batch queue; ``started`` tells a caller out of time whether it may still leave."""
 
@@ -168,9 +241,13 @@ class PneumonetModel:
         self._info["operating_threshold"], self._info["threshold_source"] = operating_threshold(meta)
         self._info["registry"] = model.describe()
         self._model = {"name": self._artifact.name, "version": self._artifact.version, "registry_version": model.version}
+        reference = read_reference(model.uri, meta)
+        self._drift = None if reference is None else DriftWindow(reference, config.drift, model.label)
+        if reference is None:
+            log.warning("%s: %s", model.uri, NO_REFERENCE)
         # Trace the graph and start the decoder processes now: the first real request must not pay
         # for them, and a model that cannot run fails the replica's start instead of its first request.
-        self._artifact.predict_proba(np.zeros((1, self._size, self._size, 1), np.uint8))
+        self._forward(np.zeros((1, self._size, self._size, 1), np.uint8))
         if self._decoder:
             self._decoder.warm()
         log.info(
@@ -184,8 +261,15 @@ class PneumonetModel:
         if self._model_failures >= MAX_MODEL_FAILURES:
             raise RuntimeError(f"the model failed on {self._model_failures} batches in a row")
 
+    def _forward(self, images: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+        """Probabilities, and with a drift reference the raw scores and embeddings of the same forward pass."""
+        if self._drift is None:
+            return self._artifact.predict_proba(images, len(images)), None
+        raw, embeddings = self._artifact.predict_with_embeddings(images, len(images))
+        return self._artifact.calibrated(raw), (raw, embeddings)
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # replaced from serve.* in __init__
-    async def _score(self, tickets: list[_Ticket]) -> list[tuple[float, int]]:
+    async def _score(self, tickets: list[_Ticket]) -> list[_Scored]:
         """P(PNEUMONIA) for images from concurrent requests, scored in one model call."""
         for ticket in tickets:
             ticket.started = True
@@ -193,13 +277,16 @@ class PneumonetModel:
         images = np.stack([ticket.image for ticket in tickets])
         start = time.perf_counter()
         try:
-            probs = await asyncio.to_thread(self._artifact.predict_proba, images, len(tickets))
+            probs, drift = await asyncio.to_thread(self._forward, images)
         except Exception:
             self._model_failures += 1
             raise
         self._admission.timed(len(tickets), time.perf_counter() - start)
         self._model_failures = 0
-        return [(float(p), len(tickets)) for p in probs]
+        if drift is None:
+            return [_Scored(float(p), len(tickets)) for p in probs]
+        inside, reasons = self._drift.add(*drift)
+        return [_Scored(float(p), len(tickets), bool(ok), why) for p, ok, why in zip(probs, inside, reasons)]
 
     def _overloaded(self, why: str) -> ApiError:
         return ApiError(503, f"overloaded: {why} within {self._serve.queue_timeout_s} s (serve.queue_timeout_s); retry later",
@@ -247,16 +334,20 @@ class PneumonetModel:
             await asyncio.wait({scoring}, timeout=max(0.0, deadline - time.monotonic()))
             if not scoring.done() and not ticket.started:
                 raise self._overloaded("this image did not get a model call")
-            probability, batch_size = await scoring
+            scored = await scoring
         finally:  # out of time, or the caller went away: leave the queue, so no batch scores it for nobody
             if not ticket.started:
                 scoring.cancel()
                 self._admission.left()
-        return {
-            "probability": probability,
-            "prediction": decide(probability, self._artifact.threshold),
-            "batch_size": batch_size,
+        result = {
+            "probability": scored.probability,
+            "prediction": decide(scored.probability, self._artifact.threshold),
+            "batch_size": scored.batch_size,
+            "in_distribution": scored.in_distribution,
         }
+        if scored.ood_reason is not None:
+            result["ood_reason"] = scored.ood_reason
+        return result
 
     @contextlib.asynccontextmanager
     async def _answered_in_time(self) -> AsyncIterator[None]:
@@ -300,6 +391,13 @@ class PneumonetModel:
                                                               "max_batch_images", "queue_timeout_s", "retry_after_s",
                                                               "request_timeout_s")}  # fmt: skip
         return {**self._info, "serving": limits}
+
+    @api.get("/v1/drift")
+    async def drift(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        if self._drift is None:
+            return {"verdict": "not checked", "reason": NO_REFERENCE, "model": self._model}
+        return {**(await asyncio.to_thread(self._drift.test)), "model": self._model}
 
     @api.post("/v1/predict")
     async def predict(self, request: Request, explain: str | None = None) -> dict[str, Any]:

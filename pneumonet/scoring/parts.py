@@ -9,6 +9,11 @@ all: :func:`pneumonet.storage.write_bytes` writes a local file under a hidden te
 renames it, and an S3 object appears only when its single PUT (or multipart upload) completes. So
 the set of URIs in the visible parts is exactly what is done, and a resumed job scores the rest.
 One job writes to one output at a time.
+
+Beside each part, a *drift sample* ``_drift/<part name>`` may hold the few of its rows that fall into
+the job's uniform sample (:func:`pneumonet.evaluation.drift.sample_key` below the job's rate) with
+what the window tests need: the raw score and the whitened embedding. It is written by the same task
+just before its part, so the sample grows with the output and costs the driver nothing per file.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import io
 import logging
 import re
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -40,8 +46,14 @@ SCHEMA = pa.schema(
         pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("error", pa.string()),
         pa.field("error_kind", pa.string()),  # pneumonet.errors: a short code per cause; null when scored
+        # Against the model's drift reference (null without one, and for rows with an error).
+        pa.field("in_distribution", pa.bool_()),
+        pa.field("ood_reason", pa.string()),
     ]
 )
+# The drift sample's own columns, carried from the model stage to the writer next to SCHEMA's.
+SAMPLE_COLUMNS = ("sample_key", "raw_probability", "projection")
+SAMPLE_FOLDER = "_drift"
 PART_PATTERN = re.compile(r"^part-.+\.parquet$")
 
 
@@ -56,10 +68,18 @@ def part_name(run_id: str, uris: pa.ChunkedArray | pa.Array) -> str:
     return f"part-{run_id}-{digest}.parquet"
 
 
+def _with_absent_columns(table: pa.Table) -> pa.Table:
+    """``table`` with the nullable :data:`SCHEMA` columns it lacks added as nulls (rows of older code)."""
+    for field in SCHEMA:
+        if field.name not in table.column_names and field.nullable:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(SCHEMA.names)
+
+
 def write_part(output: str, name: str, table: pa.Table) -> str:
     """Write one part atomically; returns its URI."""
     buffer = io.BytesIO()
-    pq.write_table(table.cast(SCHEMA), buffer, compression="zstd")
+    pq.write_table(_with_absent_columns(table).cast(SCHEMA), buffer, compression="zstd")
     uri = storage.join(output, name)
     storage.write_bytes(uri, buffer.getvalue())
     return uri
@@ -120,6 +140,28 @@ def read_batch(batch: pa.Table, columns: list[str], model: str | None) -> pa.Tab
     return table
 
 
+def read_drift_sample(output: str, size: int) -> pa.Table | None:
+    """The output's drift sample: the ``size`` rows with the smallest sample keys over every part's
+    sample (a uniform sample of the scored images, each URI once); None when no part has one."""
+    folder = storage.join(output, SAMPLE_FOLDER)
+    if not storage.exists(folder):
+        return None
+    uris = [entry.uri for entry in storage.list_files(folder, recursive=False) if PART_PATTERN.match(PurePosixPath(entry.uri).name)]
+    if not uris:
+        return None
+    with ThreadPoolExecutor(16) as pool:  # the rows are few (about the sample's size); the files may be many
+        tables = list(pool.map(lambda uri: pq.read_table(io.BytesIO(storage.read_bytes(uri))), uris))
+    table = pa.concat_tables(tables).sort_by(SAMPLE_COLUMNS[0])
+    keep, seen = [], set()
+    for index, uri in enumerate(table.column("uri").to_pylist()):
+        if uri not in seen:  # a part rescored after a kill between its sample and itself
+            seen.add(uri)
+            keep.append(index)
+            if len(keep) == size:
+                break
+    return table.take(keep)
+
+
 def parts_dataset(output: str, columns: list[str], model: str | None = None) -> Any:
     """A lazy Ray Dataset of the rows of every finished part (``columns`` of them), read by the
     workers; None when there is no part yet. The driver holds the part names only."""
@@ -133,9 +175,16 @@ def parts_dataset(output: str, columns: list[str], model: str | None = None) -> 
 
 
 def write_batch(batch: pa.Table, output: str, run_id: str) -> pa.Table:
-    """Ray Data map, the pipeline's last stage: write scored rows as one part; returns one row of
-    counts (``part``, ``rows``, ``failures``), all that reaches the driver."""
+    """Ray Data map, the pipeline's last stage: write scored rows as one part (and their drift sample,
+    if any); returns one row of counts (``part``, ``rows``, ``failures``), all that reaches the driver."""
     name = part_name(run_id, batch.column("uri"))
+    if SAMPLE_COLUMNS[0] in batch.column_names:
+        sampled = batch.filter(pc.is_valid(batch.column(SAMPLE_COLUMNS[0])))
+        if sampled.num_rows:
+            buffer = io.BytesIO()
+            pq.write_table(sampled.select(["uri", "in_distribution", *SAMPLE_COLUMNS]), buffer, compression="zstd")
+            storage.write_bytes(storage.join(output, SAMPLE_FOLDER, name), buffer.getvalue())
+        batch = batch.select(SCHEMA.names)
     write_part(output, name, batch)
     failures = batch.num_rows - batch.column("error").null_count
     return pa.table({"part": [name], "rows": [batch.num_rows], "failures": [failures]})

@@ -1,8 +1,12 @@
 """The end-of-job summary of a scoring output: counts, failures, throughput and score distribution.
 
 It is computed from the output's parts (all runs, so a resumed job reports the whole output) and
-written next to them as ``_summary.json`` and ``_histogram.png``; the leading underscore keeps
-both out of ``pandas.read_parquet(output)`` and pyarrow dataset discovery.
+written next to them as ``_summary.json``, ``_histogram.png`` and (with a drift reference)
+``_drift.png``; the leading underscore keeps them out of ``pandas.read_parquet(output)`` and pyarrow
+dataset discovery. ``drift`` holds the verdict of the window tests of :mod:`pneumonet.evaluation.drift`
+on the output's uniform drift sample (``drift.sample`` images at most, so that an alarm means the same
+for a thousand files and for ten million: a test on every row of a huge archive would flag any
+difference, however small), and ``out_of_distribution`` counts the gate's flags over every row.
 
 The workers reduce each batch of rows to a partial (counts, failures by ``error_kind``, a
 histogram of :data:`FINE_BINS` bins, a few error messages) and the driver adds the partials up as
@@ -23,15 +27,18 @@ import pyarrow.compute as pc
 from matplotlib.figure import Figure
 
 from pneumonet import storage
-from pneumonet.scoring.parts import parts_dataset
+from pneumonet.config import DriftConfig
+from pneumonet.evaluation.drift import NO_REFERENCE, Reference, drift_png, window_tests
+from pneumonet.scoring.parts import parts_dataset, read_drift_sample
 
 SUMMARY_FILE = "_summary.json"
 HISTOGRAM_FILE = "_histogram.png"
+DRIFT_PLOT_FILE = "_drift.png"
 BINS = 20
 FINE_BINS = BINS * 1000
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 EXAMPLES = 20
-COLUMNS = ["probability", "prediction", "error", "error_kind"]
+COLUMNS = ["probability", "prediction", "error", "error_kind", "in_distribution"]
 # The kind counted for an error row without one (a part written before rows had error_kind).
 UNCLASSIFIED = "unclassified"
 
@@ -44,9 +51,12 @@ def partial_stats(batch: pa.Table) -> pa.Table:
     errors = batch.column("error").filter(failed)
     kinds = pc.fill_null(batch.column("error_kind").filter(failed), UNCLASSIFIED)
     predictions = pc.value_counts(batch.column("prediction").drop_null()).to_pylist()
+    checked = batch.column("in_distribution").drop_null()
     partial = {
         "files": batch.num_rows,
         "failures": len(errors),
+        "checked": len(checked),
+        "flagged": len(checked) - pc.sum(checked).as_py() if len(checked) else 0,
         "sum": float(probs.sum()),
         "histogram": np.bincount(bins, minlength=FINE_BINS).tolist(),
         "predictions": {item["values"]: item["counts"] for item in predictions},
@@ -73,7 +83,7 @@ def _quantile(cumulative: np.ndarray, q: float) -> float:
 
 def summarize_output(output: str) -> dict[str, Any]:
     """Counts and the probability distribution over every row of ``output``'s parts (all runs)."""
-    totals = {"files": 0, "failures": 0, "sum": 0.0}
+    totals = {"files": 0, "failures": 0, "sum": 0.0, "checked": 0, "flagged": 0}
     histogram = np.zeros(FINE_BINS, np.int64)
     predictions: dict[str, int] = {}
     by_kind: dict[str, int] = {}
@@ -105,7 +115,24 @@ def summarize_output(output: str) -> dict[str, Any]:
                           "counts": histogram.reshape(BINS, -1).sum(axis=1).tolist()},
         },
         "failure_examples": examples,
+        "out_of_distribution": {"checked": totals["checked"], "flagged": totals["flagged"]},
     }  # fmt: skip
+
+
+def drift_summary(output: str, reference: Reference | None, config: DriftConfig, title: str) -> tuple[dict[str, Any], bytes | None]:
+    """The ``drift`` section of the summary and its plot (None without a reference)."""
+    if reference is None:
+        return {"verdict": "not checked", "reason": NO_REFERENCE}, None
+    sample = read_drift_sample(output, config.sample)
+    if sample is None:
+        scores, projections, inside = np.zeros(0), np.zeros((0, reference.components.shape[0])), np.zeros(0, bool)
+    else:
+        scores = sample.column("raw_probability").to_numpy()
+        projections = np.asarray(sample.column("projection").to_pylist(), np.float32)
+        inside = sample.column("in_distribution").to_numpy(zero_copy_only=False).astype(bool)
+    verdict = window_tests(reference, scores, projections, inside, config)
+    verdict["sample"] = "a uniform sample of the output's scored images (drift.sample at most), raw scores"
+    return verdict, drift_png(reference, scores, verdict, title)
 
 
 def histogram_png(summary: dict[str, Any], threshold: float, title: str) -> bytes:
@@ -127,7 +154,9 @@ def histogram_png(summary: dict[str, Any], threshold: float, title: str) -> byte
     return buffer.getvalue()
 
 
-def write_summary(output: str, summary: dict[str, Any], threshold: float, title: str) -> None:
+def write_summary(output: str, summary: dict[str, Any], threshold: float, title: str, drift_plot: bytes | None = None) -> None:
     summary = {**summary, "written_at": datetime.now(UTC).isoformat(timespec="seconds")}
     storage.write_text(storage.join(output, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
     storage.write_bytes(storage.join(output, HISTOGRAM_FILE), histogram_png(summary, threshold, title))
+    if drift_plot is not None:
+        storage.write_bytes(storage.join(output, DRIFT_PLOT_FILE), drift_plot)
