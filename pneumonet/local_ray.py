@@ -14,8 +14,10 @@ do by itself when several local instances are up:
 
 Its workers run at the command's own priority: Ray's default adds 15 to their niceness, so a training
 on a workstation would yield its cores to everything else running there (measured: nice 15 here).
-And its agents get two minutes, not Ray's 15 s, to start: on a busy machine (two commands at once at
-load average 40) the raylet gave up on the metrics agent and the command failed at start-up.
+
+On a very busy machine (load average 30-40 on 2 cores) Ray's own start-up can fail: the raylet waits
+15 s for its metrics agent ("Timed out waiting for file .../metrics_agent_port_…") and gives up; run the
+command again. (``agent_register_timeout_ms`` does not lengthen that wait.)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 # Ray's system config for a local cluster (see the module docstring).
-SYSTEM_CONFIG = {"worker_niceness": 0, "agent_register_timeout_ms": 120_000}
+SYSTEM_CONFIG = {"worker_niceness": 0}
 
 
 def machine_cpus() -> int:
