@@ -168,3 +168,31 @@ def test_drift_reference_adds_a_reference_of_the_validation_patients(synthetic_r
     assert (out / "manifest.parquet").exists() and json.loads((out / "pneumonet.json").read_text())[DRIFT_KEY]["sha256"]
     with pytest.raises(SystemExit):  # the source is never overwritten
         main(["drift-reference", "--model", uri, "--data", str(data), "--out", uri])
+
+
+def test_a_replicas_window_is_bounded_retested_as_images_arrive_and_logs_each_turn(reference, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    from pneumonet.scoring.online import DriftWindow
+
+    ref, _ = reference
+    window = DriftWindow(ref, DriftConfig(window=100, check_every=25, min_images=50, permutations=200), "m:1")
+    rng = np.random.default_rng(7)
+    caplog.set_level("INFO", logger="pneumonet.scoring.online")
+
+    async def feed(shift: float, batches: int) -> None:
+        for _ in range(batches):
+            embeddings = gaussian(rng, 25, shift=shift)
+            window.add(rng.beta(2, 5, 25), embeddings)
+            await asyncio.sleep(0.5)  # the re-test runs in a thread while images keep coming
+            for _ in range(100):
+                if not window._checking:
+                    break
+                await asyncio.sleep(0.05)
+
+    asyncio.run(feed(0.0, 4))
+    assert window.verdict == "no drift" and len(window.items) == 100
+    asyncio.run(feed(10.0, 4))  # the window now holds images from elsewhere only
+    assert window.verdict == "drift" and window.test()["window"] == {"images": 100, "capacity": 100}
+    turns = [r.getMessage() for r in caplog.records if "turned from" in r.getMessage()]
+    assert len(turns) == 2 and "'no drift' to 'drift'" in turns[-1] and caplog.records[-1].levelname == "WARNING"
