@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--log", type=Path, help="append one JSON line here")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="adapt.* settings, e.g. adapt.epochs=8")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")  # fold and epoch lines
 
     source = load_artifact(args.model)
     images = decode_split(source, args.site, "test")
