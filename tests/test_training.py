@@ -231,14 +231,16 @@ def test_gather_rows_across_two_workers_keeps_worker_order_and_uneven_shards(tmp
         assert output["rows"] == expected and output["min"] == 6 and output["sum"] == [3.0]
 
 
-def test_pneumonet_train_end_to_end(synthetic_root, tmp_path, capsys):
+def test_pneumonet_train_end_to_end(synthetic_root, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    main(["train", "--variant", "custom", "--data", str(synthetic_root), "--out", str(out), "--workers", "1",
+    monkeypatch.chdir(synthetic_root.parent)  # --data as a relative path, as users type it
+    main(["train", "--variant", "custom", "--data", synthetic_root.name, "--out", str(out), "--workers", "1",
           "--cpus-per-worker", "1", *TINY, "train.epochs=2", "train.steps_per_epoch=null"])  # fmt: skip
     printed = capsys.readouterr().out
     assert "custom" in printed and f"→ {out / 'custom'}" in printed
     artifact = load_artifact(str(out / "custom"))  # published as before: OUT/<variant>/
     assert artifact.meta["epochs_run"] == 2 and len(artifact.meta["history"]["loss"]) == 2
+    assert artifact.meta["data_root"] == str(synthetic_root)  # absolute: evaluate --split val works from anywhere
     run_id = artifact.meta["run_id"]
     assert (out / "models" / "custom" / run_id / "evaluation" / "test" / "metrics.json").is_file()
     assert load_latest_artifact(str(out), "custom").version == artifact.version

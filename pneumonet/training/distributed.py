@@ -364,6 +364,7 @@ def run_training(
     else:
         if not root:
             raise ConfigError("no dataset: pass --data DATA or set data.root in the config")
+        root = storage.absolute(root)  # recorded in the artifact: evaluate --split val finds it from anywhere
         layout = RunLayout(storage_root, check_run_id(run_id or new_run_id()))
         if storage.exists(layout.run_file):
             raise ConfigError(f"run {layout.run_id} already exists in {storage_root}: continue it with --resume, or pick another --run-id")
