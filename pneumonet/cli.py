@@ -118,6 +118,7 @@ def _print_site_record(record: dict, source: str, out: str) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
+    console.log_to(args.out)
     from pneumonet.evaluation.calibrate import calibrate_artifact
 
     record = calibrate_artifact(args.model, args.data, args.out, _site_policy(args), split=args.split,
@@ -126,6 +127,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def cmd_adapt(args: argparse.Namespace) -> None:
+    console.log_to(args.out)  # TensorFlow's retracing notices and the like go to OUT/pneumonet.log
     from pneumonet.config import load_config
     from pneumonet.training.adapt import adapt_artifact
 

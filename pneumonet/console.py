@@ -1,6 +1,6 @@
 """What a person sees in the terminal: Pneumonet's own lines there, every other library's output in a log file.
 
-A command with a run folder (train, evaluate, score, demo) calls :func:`log_to` before it imports
+A command with a run folder (train, evaluate, calibrate, adapt, score, demo) calls :func:`log_to` before it imports
 TensorFlow or starts Ray. From then on, unless ``-v``:
 
 - the terminal shows the ``pneumonet`` loggers (a line per stage and per epoch, progress, warnings
