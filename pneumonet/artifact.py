@@ -38,6 +38,7 @@ from pneumonet.artifact_meta import (  # noqa: F401  (re-exported: the artifact'
     DRIFT_KEY,
     FORMAT_VERSION,
     INPUT_CONTRACT,
+    MANIFEST_FILE,
     META_FILE,
     MODEL_FILE,
     SITE_KEY,
@@ -195,12 +196,15 @@ def derive_artifact(artifact: Artifact, meta: dict[str, Any], uri: str, files: d
     """A new artifact at ``uri`` with the very same ``model.keras`` bytes (so the same version) and ``meta``.
 
     Used by calibration and ``drift-reference``: the weights do not change, only what is known about
-    them. A drift reference that ``meta`` keeps is copied along unless ``files`` replaces it. Returns the URI.
+    them. A drift reference that ``meta`` keeps, and the training manifest, are copied along unless
+    ``files`` replaces them. Returns the URI.
     """
     uri = elsewhere(artifact, uri)
     files = dict(files or {})
     if DRIFT_KEY in meta and DRIFT_FILE not in files:
         files[DRIFT_FILE] = storage.read_bytes(storage.join(artifact.uri, DRIFT_FILE))
+    if MANIFEST_FILE not in files and storage.exists(manifest := storage.join(artifact.uri, MANIFEST_FILE)):
+        files[MANIFEST_FILE] = storage.read_bytes(manifest)  # the lineage stays with the model
     _write(uri, storage.read_bytes(storage.join(artifact.uri, MODEL_FILE)), {**meta, "version": artifact.version}, files)
     return uri
 

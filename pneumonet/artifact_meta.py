@@ -24,6 +24,8 @@ SITE_KEY = "site_calibration"
 # The drift reference (pneumonet.evaluation.drift): a file beside the model, described under this key.
 DRIFT_KEY = "drift_reference"
 DRIFT_FILE = "drift_reference.npz"
+# The training data the model was fitted and validated on, kept with every version (evaluate --split val).
+MANIFEST_FILE = "manifest.parquet"
 INPUT_CONTRACT = {"channels": 1, "dtype": "uint8", "resize": "bilinear", "color": "grayscale", "range": [0, 255]}
 
 

@@ -13,13 +13,11 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from pneumonet import storage
 from pneumonet.artifact import DRIFT_KEY, derive_artifact, load_artifact
 from pneumonet.config import Config
 from pneumonet.evaluation.drift import build_reference, reference_files
 from pneumonet.evaluation.run import decode_split
 from pneumonet.registry import resolve_model
-from pneumonet.training.runs import MANIFEST_FILE
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +37,6 @@ def add_reference(model_uri: str, data_root: str, out_uri: str, config: Config |
     record, files = reference_files(ref, record)
     record.update(source={"uri": str(model_uri), "name": artifact.name, "version": artifact.version},
                   data_root=data_root, unreadable=len(images.failures), added_at=datetime.now(UTC).isoformat(timespec="seconds"))  # fmt: skip
-    files[MANIFEST_FILE] = storage.read_bytes(storage.join(artifact.uri, MANIFEST_FILE))  # evaluate --split val needs it
     derive_artifact(artifact, {**artifact.meta, DRIFT_KEY: record}, out_uri, files)
     log.info("drift reference of %s (%d validation images) → %s", artifact.name, record["n_images"], out_uri)
     return record

@@ -33,13 +33,12 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from pneumonet import storage
 from pneumonet.artifact import Artifact, elsewhere, load_artifact, save_artifact
-from pneumonet.artifact_meta import DRIFT_KEY, SITE_KEY
+from pneumonet.artifact_meta import DRIFT_KEY, MANIFEST_FILE, SITE_KEY
 from pneumonet.config import AdaptConfig, Config, ThresholdConfig
 from pneumonet.errors import ConfigError, DataError
 from pneumonet.evaluation.calibrate import site_record, site_sample
 from pneumonet.models.custom import member_outputs
 from pneumonet.training.loop import FitSettings, balanced_class_weight, fit
-from pneumonet.training.runs import MANIFEST_FILE
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +147,8 @@ def adapt_artifact(
     }
     log.info("fine-tuning the deployed model on all %d site images (its epoch figures are on those same images)", len(labels))
     model = fine_tune(load_artifact(model_uri).model, x, labels, (x, labels), cfg, trained_with, seed + cfg.folds)
-    manifest = storage.join(source.uri, MANIFEST_FILE)
-    if storage.exists(manifest):  # the training data's lineage stays with the model (evaluate --split val)
-        storage.write_bytes(storage.join(out_uri, MANIFEST_FILE), storage.read_bytes(manifest))
+    manifest = storage.join(source.uri, MANIFEST_FILE)  # the training data's lineage stays with the model
+    files = {MANIFEST_FILE: storage.read_bytes(manifest)} if storage.exists(manifest) else None
     meta = {key: value for key, value in source.meta.items() if key not in ("version", "name")}
-    save_artifact(model, {**meta, SITE_KEY: calibration, ADAPT_KEY: adaptation}, out_uri)
+    save_artifact(model, {**meta, SITE_KEY: calibration, ADAPT_KEY: adaptation}, out_uri, files)
     return {**adaptation, "calibration": calibration}

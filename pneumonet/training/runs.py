@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from pneumonet import storage
-from pneumonet.artifact_meta import META_FILE
+from pneumonet.artifact_meta import MANIFEST_FILE, META_FILE
 from pneumonet.errors import ArtifactError, ConfigError
 
 if TYPE_CHECKING:  # pneumonet.artifact loads TensorFlow; the registry and Serve's app builder import this module
@@ -33,7 +33,6 @@ if TYPE_CHECKING:  # pneumonet.artifact loads TensorFlow; the registry and Serve
 LATEST = "latest"
 RUN_FILE = "run.json"
 RUN_KEYS = ("data_root", "config")  # what --resume reads back
-MANIFEST_FILE = "manifest.parquet"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
