@@ -59,6 +59,10 @@ RECIPES: dict[str, list[str]] = {
                           "train.augment.rotation=0.05", *PHOTO],
     "frame_photo_wide": FRAME + PHOTO + ["model.custom_filters=[32,64,128,256,256]"],
     "frame_photo_reg": FRAME + PHOTO + ["model.dropout=0.5", "model.l2=5e-4"],
+    # on top of the recipe as it stands (frame, photo and per-image standardisation are in it)
+    "ls": ["train.label_smoothing=0.1"],
+    "long": ["train.epochs=30"],
+    "wide": ["model.custom_filters=[48,96,192,384]", "model.custom_dense_units=192"],
 }
 SITE_SENSITIVITY = 0.95
 
