@@ -177,6 +177,8 @@ def test_batch_endpoint_scores_in_order_and_marks_bad_items(endpoint: str, model
     results = response.json()["results"]
     assert [r["filename"] for r in results] == ["a.png", "broken.png", "c.png"]
     assert "error" in results[1] and "probability" not in results[1]
+    assert results[1]["error_kind"] == "corrupt"  # the codes of batch scoring's error_kind column
+    assert "error_kind" not in results[0]
     for result, seed in ((results[0], 2), (results[2], 4)):
         assert result["probability"] == pytest.approx(expected_probability(model_uri, png(seed)), abs=1e-5)
 
@@ -187,7 +189,7 @@ def test_batch_part_declared_application_dicom_is_read_as_dicom(endpoint: str, m
     results = post(f"{endpoint}/v1/predict/batch", files=files).json()["results"]
     expected = float(load_artifact(model_uri).predict_proba(load_image(data, "x.dcm", SIZE)[None])[0])
     assert results[0]["filename"] == "scan" and results[0]["probability"] == pytest.approx(expected, abs=1e-5)
-    assert "not a recognised image format" in results[1]["error"]
+    assert "not a recognised image format" in results[1]["error"] and results[1]["error_kind"] == "unknown_format"
 
 
 def test_concurrent_requests_are_batched(endpoint: str) -> None:
@@ -232,6 +234,9 @@ def test_bad_requests_get_json_4xx_and_do_not_hurt_the_replica(endpoint: str) ->
         assert response.status_code == status, (name, response.status_code, response.text)
         assert isinstance(response.json().get("error"), str) and response.json()["error"], name
     assert "over the limit" in cases["bomb"][0].json()["error"]
+    kinds = {name: cases[name][0].json().get("error_kind") for name in ("empty body", "corrupt image", "not an image", "bomb", "text/plain")}
+    assert kinds == {"empty body": None, "corrupt image": "corrupt", "not an image": "unknown_format",
+                     "bomb": "over_pixel_limit", "text/plain": None}, kinds  # a request fault has no image kind
     assert "100000 bytes" in cases["streamed too big"][0].json()["error"]
 
     assert requests.get(f"{endpoint}/healthz", timeout=TIMEOUT).json() == {"status": "ok"}
@@ -244,14 +249,16 @@ def test_a_file_that_decodes_for_minutes_is_refused_at_data_max_decode_seconds(e
     slow = many_scans_jpeg()  # minutes in-process; stopped after 3 s in the replica's decoder process
     one = post(f"{endpoint}/strict/v1/predict", data=slow, headers={"Content-Type": "image/jpeg"})
     assert one.status_code == 422, one.text
-    assert one.json()["error"] == "upload: decoding took longer than 3 s (data.max_decode_seconds); stopped"
+    assert one.json() == {"error": "upload: decoding took longer than 3 s (data.max_decode_seconds); stopped",
+                          "error_kind": "decode_timeout"}
     files = [("files", ("a.png", png(2), "image/png")), ("files", ("scans.jpeg", slow, "image/jpeg")),
              ("files", ("c.png", png(4), "image/png"))]  # fmt: skip
     batch = post(f"{endpoint}/strict/v1/predict/batch", files=files)
     assert batch.status_code == 200, batch.text
     results = batch.json()["results"]
     assert "probability" in results[0] and "probability" in results[2]
-    assert results[1] == {"filename": "scans.jpeg", "error": "scans.jpeg: decoding took longer than 3 s (data.max_decode_seconds); stopped"}
+    assert results[1] == {"filename": "scans.jpeg", "error": "scans.jpeg: decoding took longer than 3 s (data.max_decode_seconds); stopped",
+                          "error_kind": "decode_timeout"}
 
 
 def test_fuzzed_multipart_bodies_over_http_end_as_4xx_or_one_answer_per_image_never_5xx(

@@ -9,6 +9,8 @@ One ingress deployment, ``PneumonetModel`` (FastAPI), per replica one model:
 - ``POST /v1/predict/batch``: several images as multipart fields ``files``; one result per image,
   in order. An image that cannot be decoded gets ``{"filename", "error"}`` in its place and the
   others are still scored (200 overall); refusing the whole request is for request-level faults.
+  ``error_kind`` names the cause with the codes of :mod:`pneumonet.errors` (``corrupt``,
+  ``over_pixel_limit``, ``decode_timeout``, …), as batch scoring's ``error_kind`` column does.
   Each scored image has ``in_distribution`` (null without a drift reference) and, when false,
   ``ood_reason``: an image unlike the validation images is scored anyway, and said to be.
 - ``GET /v1/drift``: the drift verdict of this replica's window of recent images (the last
@@ -28,7 +30,7 @@ missing bearer token (when the env var named by ``serve.auth_token_env`` is set)
 ``serve.max_batch_images``, 408 not answered within ``serve.request_timeout_s`` (a body sent too
 slowly, say; a request header cannot lift it), 415 unsupported content type, 422 not a decodable
 image (corrupt, unknown format, over ``data.max_image_bytes``, ``data.max_image_pixels`` or
-``data.max_decode_seconds``; a multipart part's own ``application/dicom`` type selects the DICOM
+``data.max_decode_seconds``; ``error_kind`` says which; a multipart part's own ``application/dicom`` type selects the DICOM
 decoder). Images are decoded in the request handler (in ``serve.decode_processes`` child
 processes, :mod:`pneumonet.data.sandbox`), before batching, so only good images ever reach the model; concurrent requests are then scored
 together (``@serve.batch``, ``serve.max_batch_size``/``serve.batch_wait_timeout_s``) and each
@@ -120,7 +122,7 @@ api = FastAPI(title="Pneumonet", docs_url=None, redoc_url=None, openapi_url=None
 
 @api.exception_handler(ApiError)
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers or None)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers or None)
 
 
 @api.exception_handler(HTTPException)
@@ -315,15 +317,15 @@ class PneumonetModel:
 
     async def _decode(self, data: bytes, source: str) -> np.ndarray:
         if not data:
-            raise ApiError(400, f"{source}: empty file")
+            raise ApiError(400, f"{source}: empty file", kind="empty")
         try:
             decode = self._decoder.load_image if self._decoder else load_image
             return await asyncio.to_thread(decode, data, source, self._size, self._max_pixels, self._max_bytes)
         except ImageDecodeError as exc:
-            raise ApiError(422, str(exc)) from None
+            raise ApiError(422, str(exc), kind=exc.kind) from None
         except Exception as exc:  # a decoder bug on odd input is still the input's fault, not a 500
             log.exception("unexpected decoder error on %s", source)
-            raise ApiError(422, f"{source}: cannot decode image ({type(exc).__name__})") from None
+            raise ApiError(422, f"{source}: cannot decode image ({type(exc).__name__})", kind="decoder_crash") from None
 
     async def _scored(self, image: np.ndarray, deadline: float) -> dict[str, Any]:
         """Score one image, or refuse it (503) if its model call has not started by ``deadline``."""
@@ -454,7 +456,7 @@ class PneumonetModel:
             try:
                 image = await self._decode(upload.data, decoder_source(name, upload.content_type))
             except ApiError as exc:
-                return {"filename": name, "error": exc.message}
+                return {"filename": name, **exc.body()}
             return {"filename": name, **(await self._scored(image, deadline))}
 
         results = await asyncio.gather(*(one(i, upload) for i, upload in enumerate(files)))

@@ -25,13 +25,20 @@ MULTIPART = "multipart/form-data"
 
 
 class ApiError(Exception):
-    """A refused request: HTTP ``status``, a message that is safe to show the client, extra headers."""
+    """A refused request: HTTP ``status``, a message that is safe to show the client, extra headers,
+    and for an image that cannot be scored the ``kind`` of :mod:`pneumonet.errors` (``error_kind``
+    in the answer, as in batch scoring's output, so a client can tell causes apart without parsing)."""
 
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None, kind: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = dict(headers or {})
+        self.kind = kind
+
+    def body(self) -> dict[str, str]:
+        """The JSON the client gets: the message and, for an image, its kind."""
+        return {"error": self.message} if self.kind is None else {"error": self.message, "error_kind": self.kind}
 
 
 @dataclass(frozen=True)
