@@ -41,7 +41,8 @@ from pneumonet.config import load_config
 from pneumonet.data.images import load_many
 from pneumonet.data.pipeline import training_dataset
 from pneumonet.training.loop import fit, predict_batches
-from pneumonet.training.variants import build_stage, prepare_data, stage_settings
+from pneumonet.training.ingest import prepare_data
+from pneumonet.training.stages import build_stage, stage_settings
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "chest-xray-224"
@@ -100,7 +101,7 @@ def bench_bare_keras(data, config) -> float:
 
 def bench_against_keras(root: str, data, config, storage: str, repeat: int) -> list[tuple[str, float]]:
     """``pneumonet train`` (custom, 1 worker, cpus_per_worker auto) and bare Keras, alternating, and their ratio."""
-    from pneumonet.training.distributed import run_training
+    from pneumonet.training.driver import run_training
 
     rows = []
     for attempt in range(1, repeat + 1):
@@ -121,7 +122,7 @@ def bench_pipeline(data, config) -> list[tuple[str, float]]:
     seconds = _timed(lambda: load_many(uris, size, workers=config.data.decode_workers))
     results = [(f"decode, {config.data.decode_workers} threads (load_many)", _rate(len(uris), seconds))]
 
-    from pneumonet.training.data import decode_split
+    from pneumonet.training.ingest import decode_split
 
     decode_split(data.train.rows, config)  # warm-up: starts the Ray worker processes and their imports
     seconds = _timed(lambda: decode_split(data.train.rows, config))  # materialized: every image decoded
@@ -175,7 +176,7 @@ def bench_caching(data, config) -> list[tuple[str, float]]:
 
 def bench_workers(root: str, config, storage: str) -> list[tuple[str, float]]:
     """Training images/s of custom and finetune with 1 and 2 Ray Train workers (the job's code path)."""
-    from pneumonet.training.distributed import run_training
+    from pneumonet.training.driver import run_training
 
     results = []
     for workers, variants in ((1, ["custom", "transfer", "finetune"]), (2, ["custom", "finetune"])):
@@ -226,7 +227,7 @@ def main() -> None:
 
     import ray
 
-    from pneumonet.training.distributed import ensure_ray
+    from pneumonet.training.driver import ensure_ray
 
     ensure_ray(config)  # the job's local cluster: every core of this machine
     data = prepare_data(config, root)

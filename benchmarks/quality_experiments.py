@@ -38,7 +38,8 @@ from pneumonet.data.catalog import scan
 from pneumonet.data.pipeline import load_image_set
 from pneumonet.evaluation.metrics import bootstrap_ci, choose_threshold
 from pneumonet.training.loop import predict_probabilities
-from pneumonet.training.variants import prepare_data, train_stage
+from pneumonet.training.ingest import prepare_data
+from pneumonet.training.stages import train_stage
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "real-custom.yaml"
 FRAME = ["train.augment.zoom_in=0.25", "train.augment.stretch=0.15", "train.augment.shift=0.1"]
@@ -132,7 +133,9 @@ def run_recipe(name: str, config: Config, data, site, out: Path) -> dict:
               f"{auc(site.labels, per_epoch['site'][-1]):.4f}  {figures['images_per_second']:.0f} img/s", flush=True)
 
     started = time.perf_counter()
-    model, state = train_stage("custom", config, data, on_epoch_end=on_epoch_end)
+    stage, state = train_stage("custom", config, (data.train.images, data.train.labels), (data.val.images, data.val.labels),
+                               on_epoch_end=on_epoch_end)  # fmt: skip
+    model = stage.model
     seconds = time.perf_counter() - started
     folder = out / f"{name}-s{config.seed}"
     folder.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,6 @@ from pneumonet.config import VARIANTS, load_config
 from pneumonet.data.synthetic import synthesize_dataset
 from pneumonet.evaluation.metrics import format_metric
 from pneumonet.evaluation.plots import plot_comparison
-from pneumonet.training.variants import train_variants
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,10 @@ def run_demo(out: str | Path = "pneumonet-demo", overrides: list[str] | tuple[st
     config = load_config(Path(str(DEMO_CONFIG)), overrides)
     log.info("synthesizing a dataset in %s", out / "data")
     data_root = synthesize_dataset(out / "data", n=DEMO_IMAGES, size=config.model.image_size, seed=config.seed)
-    summaries = train_variants(config, list(VARIANTS), str(data_root), str(out))
+    from pneumonet.training.driver import run_training  # the job of `pneumonet train` and jobs/train.py
+
+    # The run stays in ``out`` unless the config names a run storage (as for `pneumonet train`).
+    summaries = run_training(config, list(VARIANTS), str(data_root), config.distributed.storage or str(out))
     note = (
         f"Backbone `{config.model.backbone}` with weights `{config.model.weights}`"
         + (" (random: no ImageNet weights offline, so transfer/finetune are far below what they reach with "

@@ -1,4 +1,5 @@
-"""A Ray of this command's own on this machine, for every door that runs without a cluster.
+"""The one Ray bootstrap of every door: the cluster ``RAY_ADDRESS`` names (a RayJob's, a RayService's),
+or a Ray of this command's own on this machine (:func:`connect`).
 
 Each ``pneumonet`` command (train, score, serve, demo) that finds no ``RAY_ADDRESS`` starts its own
 local Ray and stops it at the end, so two commands at once on one machine never share or steal each
@@ -71,3 +72,21 @@ def start(num_cpus: int, dashboard: bool = True) -> None:
         raise RuntimeError(f"the local Ray's dashboard did not get port {port} ({context.dashboard_url}); run the command again")
     console.route_ray_output()
     log.info("started a local Ray with %d logical CPUs", num_cpus)
+
+
+def connect(num_cpus: int | None = None, dashboard: bool = True) -> bool:
+    """Join the cluster ``RAY_ADDRESS`` names, or :func:`start` a local Ray with ``num_cpus`` (default:
+    :func:`machine_cpus`); False when Ray was up already in this process.
+
+    A local Ray's workers inherit this process's environment at start (S3 settings, tokens), so set
+    those before the first call.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING, log_to_driver=True)
+    else:
+        start(num_cpus or machine_cpus(), dashboard)
+    return True

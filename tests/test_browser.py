@@ -26,7 +26,7 @@ from pneumonet.config import load_config
 from pneumonet.data.images import load_image
 from pneumonet.evaluation.metrics import compute_metrics
 from pneumonet.scoring.cluster import SERVE_ENV
-from pneumonet.training.variants import VAL_METRIC_KEYS
+from pneumonet.training.finishing import VAL_METRIC_KEYS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

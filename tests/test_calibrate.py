@@ -82,7 +82,7 @@ def test_evaluate_a_missing_split_names_what_exists(model_uri: str, synthetic_ro
 def test_evaluate_val_uses_the_saved_manifest_and_names_what_changed(synthetic_root: Path, tmp_path: Path) -> None:
     """val/train come from the manifest saved with the artifact; a file gone or changed (same size) is named."""
     from pneumonet.models import build_model
-    from pneumonet.training.variants import plan_splits
+    from pneumonet.data.split import plan_splits
 
     data = tmp_path / "data"
     shutil.copytree(synthetic_root, data)

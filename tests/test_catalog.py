@@ -174,7 +174,7 @@ def test_scan_s3_prefix(synthetic_root, s3_bucket):
 
 
 def test_limit_per_class_keeps_columns_and_caps_each_class(synthetic_root):
-    from pneumonet.data.pipeline import limit_per_class
+    from pneumonet.data.split import limit_per_class
 
     rows = assign_validation(scan(str(synthetic_root)), val_fraction=0.2, seed=1)
     limited = limit_per_class(rows, 3, seed=0)

@@ -24,10 +24,10 @@ from pneumonet.config import VARIANTS, load_config
 from pneumonet.data.catalog import read_manifest
 from pneumonet.data.pipeline import load_image_set
 from pneumonet.errors import StorageError, TrackingError
-from pneumonet.training import distributed
+from pneumonet.training import driver
 from pneumonet.training.args import add_train_arguments, run_job, train_from_args
 from pneumonet.training.checkpoint import WEIGHTS_FILE, _load_arrays
-from pneumonet.training.distributed import TrainingRunError, ensure_ray, run_training
+from pneumonet.training.driver import TrainingRunError, ensure_ray, run_training
 from pneumonet.training.loop import validation_scores
 from pneumonet.training.runs import load_latest_artifact
 from pneumonet.training.worker import CRASH_AT_EPOCH_ENV, CRASH_MARKER_ENV
@@ -52,7 +52,7 @@ def _closed_port() -> int:
 @pytest.fixture()
 def no_training(monkeypatch):
     """Fail the test if the job gets as far as starting Ray."""
-    monkeypatch.setattr(distributed, "ensure_ray", lambda *_: pytest.fail("training started despite the error"))
+    monkeypatch.setattr(driver, "ensure_ray", lambda *_: pytest.fail("training started despite the error"))
 
 
 @pytest.fixture()

@@ -138,7 +138,7 @@ def test_one_forward_pass_gives_the_score_and_the_penultimate_embedding(tmp_path
 def test_drift_reference_adds_a_reference_of_the_validation_patients(synthetic_root: Path, tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     from pneumonet.models import build_model
-    from pneumonet.training.variants import plan_splits
+    from pneumonet.data.split import plan_splits
 
     data = tmp_path / "data"
     shutil.copytree(synthetic_root, data)

@@ -21,7 +21,8 @@ from pneumonet.config import load_config
 from pneumonet.errors import ConfigError
 from pneumonet.models.transfer import find_backbone
 from pneumonet.training import loop
-from pneumonet.training.checkpoint import restore_checkpoint, save_checkpoint
+from pneumonet.training.checkpoint import read_checkpoint, save_checkpoint
+from pneumonet.training.ingest import prepare_data
 from pneumonet.training.loop import (
     FitSettings,
     FitState,
@@ -30,12 +31,7 @@ from pneumonet.training.loop import (
     fit,
 )
 from pneumonet.training.runs import RunLayout, load_latest_artifact, resolve_artifact_uri
-from pneumonet.training.variants import (
-    build_stage,
-    prepare_data,
-    stage_settings,
-    train_stage,
-)
+from pneumonet.training.stages import build_stage, stage_settings, train_stage
 
 TINY = [
     *TINY_MODEL,
@@ -58,6 +54,12 @@ def transfer_uri(data, tmp_path_factory) -> str:
     model = build_stage("transfer", config).model
     meta = build_metadata(variant="transfer", config=config, threshold=0.5, val_metrics={}, manifest_digest=data.digest)
     return save_artifact(model, meta, str(tmp_path_factory.mktemp("transfer") / "artifact"))
+
+
+def _train(variant, config, data, **kwargs):
+    """train_stage on the splits decoded in this process: (full model with the best weights, state)."""
+    stage, state = train_stage(variant, config, (data.train.images, data.train.labels), (data.val.images, data.val.labels), **kwargs)
+    return stage.model, state
 
 
 def _scripted_validation(monkeypatch, aucs: list[float]) -> None:
@@ -84,7 +86,7 @@ def _toy_data(n: int = 32):
 def test_each_variant_trains_a_step(data, transfer_uri, variant, extra):
     config = load_config(None, [*TINY, *extra])
     before = build_stage(variant, config, transfer_uri)
-    model, state = train_stage(variant, config, data, transfer_uri if variant == "finetune" else None)
+    model, state = _train(variant, config, data, transfer_uri=transfer_uri if variant == "finetune" else None)
     assert state.epoch == 1 and state.history["images"] == [8.0]
     changed = [not np.array_equal(a, b) for a, b in zip(before.model.get_weights(), model.get_weights(), strict=True)]
     assert any(changed)
@@ -151,7 +153,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_state(tmp_path):
 
     fresh = _toy(seed=1)
     fresh_fitter = Fitter(fresh, settings)
-    restored = restore_checkpoint(tmp_path, fresh, fresh_fitter.optimizer)
+    restored = read_checkpoint(tmp_path).restore(fresh, fresh_fitter.optimizer)
     assert (restored.epoch, restored.best_epoch, restored.history, restored.resumed_from) == (
         state.epoch, state.best_epoch, state.history, [1],
     )  # fmt: skip
@@ -298,7 +300,7 @@ def test_an_ensemble_trains_each_member_on_its_own_loss_and_averages_them(data) 
     stage = build_stage("custom", config)
     assert stage.trained.output_shape == (None, 3) and stage.model.output_shape == (None, 1)
     before = [np.array(w) for w in stage.model.get_weights()]
-    model, state = train_stage("custom", config, data)
+    model, state = _train("custom", config, data)
     assert state.epoch == 1
     images = data.val.images[:4].astype("float32")
     columns = np.asarray(build_stage("custom", config).trained(images))
@@ -317,7 +319,7 @@ def test_select_last_keeps_the_final_weights_and_runs_every_epoch(data, monkeypa
         _scripted_validation(monkeypatch, [0.9, 0.5, 0.5, 0.5])
         seen: list[list[np.ndarray]] = []
         config = load_config(None, [*TINY, "train.epochs=4", "train.patience=1", *overrides])
-        model, state = train_stage(
+        model, state = _train(
             "custom", config, data, on_epoch_end=lambda fitter, *_: seen.append([np.array(w) for w in fitter.model.get_weights()])
         )
         return model, state, seen
@@ -344,7 +346,7 @@ def test_a_damaged_run_json_is_a_clear_error(tmp_path, text, reason):
 
 
 def test_a_run_json_with_an_invalid_config_is_a_clear_error(tmp_path):
-    from pneumonet.training.distributed import _check_resumable
+    from pneumonet.training.driver import _check_resumable
 
     layout = RunLayout(str(tmp_path), "r1")
     with pytest.raises(ConfigError, match=r"^cannot resume run r1: the config in .*run\.json is not valid \(1 errors"):
@@ -353,10 +355,10 @@ def test_a_run_json_with_an_invalid_config_is_a_clear_error(tmp_path):
 
 def test_finish_stores_a_drift_reference_of_the_validation_patients(data, tmp_path):
     from pneumonet.evaluation.drift import read_reference
-    from pneumonet.training.variants import finish
+    from pneumonet.training.finishing import finish
 
     config = load_config(None, TINY)
-    model, state = train_stage("custom", config, data)
+    model, state = _train("custom", config, data)
     uri = str(tmp_path / "artifact")
     finish("custom", model, state, config, data, uri)
 

@@ -53,14 +53,6 @@ def load_image_set(rows: pd.DataFrame, size: int, data: DataConfig, progress: st
     return ImageSet(result.images, labels_of(kept), kept, dict(result.failures))
 
 
-def limit_per_class(rows: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
-    """At most ``limit`` rows per (split, label), drawn reproducibly; for quick runs on big archives."""
-    if limit is None:
-        return rows
-    shuffled = rows.sample(frac=1.0, random_state=seed)
-    return shuffled.groupby(["split", "label"]).head(limit).reset_index(drop=True)
-
-
 class RandomGamma(keras.layers.Layer):
     """A random gamma curve per image, ``255 * (x / 255) ** g`` with ``log g`` uniform in ±``factor``.
 

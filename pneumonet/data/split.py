@@ -1,17 +1,21 @@
-"""Patient-grouped, label-stratified validation split.
+"""Patient-grouped, label-stratified validation split, and the plan of a training run drawn from it.
 
 Several X-rays of one patient look alike; if they sit on both sides of the split the validation
 score (and the decision threshold chosen on it) is optimistic. So whole patients are held out,
-keeping the NORMAL/PNEUMONIA ratio, reproducibly for a seed.
+keeping the NORMAL/PNEUMONIA ratio, reproducibly for a seed. :func:`plan_splits` draws it once per
+run, on the driver; the run's manifest keeps it (:func:`saved_plan` reads it back on ``--resume``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
-from pneumonet.data.catalog import labels_of, usable
+from pneumonet.config import Config
+from pneumonet.data.catalog import labels_of, manifest_digest, require_classes, scan, usable
 from pneumonet.errors import DataError
 
 
@@ -60,3 +64,57 @@ def assign_validation(manifest: pd.DataFrame, val_fraction: float, seed: int, me
                 "add images of both classes or change data.val_fraction"
             )
     return rows.reset_index(drop=True)
+
+
+def limit_per_class(rows: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
+    """At most ``limit`` rows per (split, label), drawn reproducibly; for quick runs on big archives."""
+    if limit is None:
+        return rows
+    shuffled = rows.sample(frac=1.0, random_state=seed)
+    return shuffled.groupby(["split", "label"]).head(limit).reset_index(drop=True)
+
+
+@dataclass
+class SplitPlan:
+    """The catalog of a dataset and its rows per split, drawn once (patient-grouped validation)."""
+
+    root: str
+    manifest: pd.DataFrame  # every file, with the final split and an error for unusable ones
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+
+    def with_failures(self, failed: dict[str, str]) -> SplitPlan:
+        """The plan after decoding: failed files get their reason in the manifest and leave the splits;
+        DataError when that leaves train or val without a class."""
+        manifest = self.manifest.copy()
+        manifest.loc[manifest["uri"].isin(failed), "error"] = manifest["uri"].map(failed)
+
+        def keep(rows: pd.DataFrame) -> pd.DataFrame:
+            return rows[~rows["uri"].isin(failed)].reset_index(drop=True)
+
+        plan = SplitPlan(self.root, manifest, keep(self.train), keep(self.val), keep(self.test))
+        for split in ("train", "val"):
+            if getattr(plan, split)["label"].nunique() < 2:
+                raise DataError(f"{self.root}: after skipping unreadable files the {split} split lacks a class")
+        return plan
+
+    @property
+    def digest(self) -> str:
+        return manifest_digest(self.manifest[self.manifest["error"].isna()])
+
+
+def plan_splits(config: Config, root: str) -> SplitPlan:
+    """Catalog ``root`` and split validation patients off train/ (DataError when a split lacks a class)."""
+    manifest = scan(root)
+    rows = assign_validation(manifest, config.data.val_fraction, config.seed, config.data.merge_val_folder)
+    rows = limit_per_class(rows, config.data.limit_per_class, config.seed)
+    return saved_plan(root, pd.concat([rows, manifest[manifest["error"].notna()]], ignore_index=True))
+
+
+def saved_plan(root: str, manifest: pd.DataFrame) -> SplitPlan:
+    """The plan of a manifest whose split is final (a resumed run trains on the patients it started with)."""
+    rows = manifest[manifest["error"].isna()]
+    train, val = (require_classes(rows, split, root) for split in ("train", "val"))
+    test = rows[rows["split"] == "test"].reset_index(drop=True)
+    return SplitPlan(root, manifest.reset_index(drop=True), train, val, test)

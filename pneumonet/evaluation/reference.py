@@ -1,6 +1,6 @@
 """``pneumonet drift-reference``: give an artifact made without a drift reference one, as a new artifact.
 
-Training stores the reference itself (:func:`pneumonet.training.variants.finish`). An older artifact,
+Training stores the reference itself (:func:`pneumonet.training.finishing.finish`). An older artifact,
 or one trained by code without it, gets the same reference afterwards from the same images: its run's
 validation patients, re-derived from the manifest saved with it and checked against ``--data`` as
 ``pneumonet evaluate --split val`` does. The new artifact has the very same ``model.keras`` (same

@@ -19,13 +19,13 @@ import pandas as pd
 
 from pneumonet import storage
 from pneumonet.artifact import Artifact, load_artifact
+from pneumonet.artifact_meta import MANIFEST_FILE
 from pneumonet.config import Config, DataConfig
 from pneumonet.data.catalog import manifest_digest, read_manifest, scan, usable
 from pneumonet.data.pipeline import ImageSet, load_image_set
 from pneumonet.errors import DataError
 from pneumonet.evaluation import evaluate_predictions
 from pneumonet.registry import resolve_model
-from pneumonet.training.runs import MANIFEST_FILE
 
 log = logging.getLogger(__name__)
 

@@ -42,23 +42,13 @@ def set_serve_env() -> None:
 
 
 def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (a RayJob), or start this command's own local Ray
-    (:mod:`pneumonet.local_ray`) sized for this machine.
+    """Scoring's Ray (:func:`pneumonet.local_ray.connect`): a local one gets :data:`INLINE_RESULT_BYTES`
+    and no dashboard (nothing in scoring asks the State API)."""
+    from pneumonet import local_ray
 
-    A local Ray's workers inherit this process's environment at start (S3 settings, tokens), so
-    set those before the first call.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(ignore_reinit_error=True, log_to_driver=True)
-    else:
-        from pneumonet import local_ray
-
+    if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault(INLINE_RESULT_ENV, str(INLINE_RESULT_BYTES))
-        local_ray.start(local_ray.machine_cpus(), dashboard=False)
+    local_ray.connect(dashboard=False)
 
 
 @contextlib.contextmanager

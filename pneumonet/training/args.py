@@ -66,7 +66,7 @@ def train_from_args(args: argparse.Namespace) -> dict[str, dict]:
     """Run the training job the arguments describe; returns a summary per variant."""
     from pneumonet.config import VARIANTS
     from pneumonet.errors import ConfigError
-    from pneumonet.training.distributed import run_training
+    from pneumonet.training.driver import run_training
     from pneumonet.training.runs import RunLayout, check_run_id
 
     config = config_from_args(args)

@@ -18,6 +18,7 @@ best weights, which the driver turns into the model artifact. Arrays are stored 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -64,26 +65,37 @@ def read_state(folder: str | Path) -> tuple[FitState, bool]:
     return FitState.from_json(data), bool(data.get("final"))
 
 
-def restore_checkpoint(folder: str | Path, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> FitState:
-    """Load weights, optimizer variables and state from a (non-final) checkpoint; returns the state.
+@dataclass
+class SavedTraining:
+    """A non-final checkpoint read into memory: the worker reads it while Ray lends it the folder and
+    restores it once its model and optimizer exist."""
 
-    Build the model and optimizer the same way as when the checkpoint was written (same config).
-    """
+    name: str
+    state: FitState  # with the best weights
+    weights: list[np.ndarray]
+    slots: list[np.ndarray]  # the optimizer's variables
+
+    def restore(self, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> FitState:
+        """Load the weights and optimizer variables into a model and optimizer built as when it was
+        written (same config); returns the state."""
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        expected = [tuple(w.shape) for w in model.weights]
+        if [w.shape for w in self.weights] != expected or len(self.slots) != len(optimizer.variables):
+            raise ConfigError(
+                f"checkpoint {self.name} does not fit the model being trained ({len(self.weights)} weight arrays and "
+                f"{len(self.slots)} optimizer variables, expected {len(expected)} and {len(optimizer.variables)}): "
+                "was model.* changed since the run started? Start a new run instead of resuming."
+            )
+        model.set_weights(self.weights)
+        for variable, value in zip(optimizer.variables, self.slots, strict=True):
+            variable.assign(value)
+        return self.state
+
+
+def read_checkpoint(folder: str | Path) -> SavedTraining:
+    """The training state of a (non-final) checkpoint folder, in memory."""
     folder = Path(folder)
     state, _ = read_state(folder)
-    weights, best = _load_arrays(folder / WEIGHTS_FILE), _load_arrays(folder / BEST_FILE)
-    slots = _load_arrays(folder / OPTIMIZER_FILE)
-    if not optimizer.built:
-        optimizer.build(model.trainable_variables)
-    expected = [tuple(w.shape) for w in model.weights]
-    if [w.shape for w in weights] != expected or len(slots) != len(optimizer.variables):
-        raise ConfigError(
-            f"checkpoint {folder.name} does not fit the model being trained ({len(weights)} weight arrays and "
-            f"{len(slots)} optimizer variables, expected {len(expected)} and {len(optimizer.variables)}): "
-            "was model.* changed since the run started? Start a new run instead of resuming."
-        )
-    model.set_weights(weights)
-    for variable, value in zip(optimizer.variables, slots, strict=True):
-        variable.assign(value)
-    state.best_weights = best
-    return state
+    state.best_weights = _load_arrays(folder / BEST_FILE)
+    return SavedTraining(folder.name, state, _load_arrays(folder / WEIGHTS_FILE), _load_arrays(folder / OPTIMIZER_FILE))

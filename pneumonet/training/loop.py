@@ -43,7 +43,8 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import log_loss, roc_auc_score
+from sklearn.utils.class_weight import compute_class_weight
 
 from pneumonet.config import AugmentConfig
 from pneumonet.data.pipeline import inference_batches, training_dataset
@@ -108,17 +109,16 @@ class FitSettings:
 
 def balanced_class_weight(labels: np.ndarray) -> tuple[float, float]:
     """Weights that make NORMAL and PNEUMONIA count equally in the loss (the Kaggle set is ~1:3)."""
-    counts = np.bincount(labels.astype(int), minlength=2).astype(float)
-    if counts.min() == 0:
+    labels = labels.astype(int)
+    if len(np.unique(labels)) < 2:
         return (1.0, 1.0)
-    weights = counts.sum() / (2.0 * counts)
+    weights = compute_class_weight("balanced", classes=np.array([0, 1]), y=labels)
     return (float(weights[0]), float(weights[1]))
 
 
-def cosine_learning_rate(base: float, epoch: int, epochs: int) -> float:
-    """Cosine decay from ``base`` towards ``base / 20`` over the planned epochs."""
-    floor = base / 20
-    return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * epoch / max(1, epochs)))
+def cosine_decay(base: float, epochs: int) -> keras.optimizers.schedules.CosineDecay:
+    """Cosine decay from ``base`` towards ``base / 20`` over the planned epochs (evaluated once per epoch)."""
+    return keras.optimizers.schedules.CosineDecay(base, decay_steps=max(1, epochs), alpha=0.05)
 
 
 def _inference_function(model: keras.Model):
@@ -292,8 +292,8 @@ class Fitter:
 
 def validation_scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """Unweighted loss, accuracy at 0.5 and ROC-AUC on the validation split."""
-    clipped = np.clip(probs, 1e-7, 1 - 1e-7)
-    loss = -np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
+    # Clipped at Keras's epsilon, as the training loss is (log_loss alone clips at float64's, ~2e-16).
+    loss = log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])
     auc = roc_auc_score(labels, probs) if len(np.unique(labels)) == 2 else float("nan")
     return {"val_loss": float(loss), "val_accuracy": float(np.mean((probs >= 0.5) == labels)), "val_roc_auc": float(auc)}
 
@@ -349,12 +349,13 @@ def fit(
     # Shuffling and augmentation differ per worker (its own seed), and continue after a restart.
     local = training_dataset(train[0], train[1], settings.batch_size, settings.seed + 7919 * rank + state.epoch, settings.augment)
     dataset = strategy.distribute_datasets_from_function(lambda _: local)
+    schedule = cosine_decay(settings.learning_rate, settings.epochs)
     for epoch in range(state.epoch, settings.epochs):
         stalled = state.epoch - state.best_epoch >= settings.patience
         if settings.select == "best_val_auc" and stalled and state.best_weights is not None:
             log.info("early stop: no better validation ROC-AUC for %d epochs", settings.patience)
             break
-        learning_rate = cosine_learning_rate(settings.learning_rate, epoch, settings.epochs)
+        learning_rate = float(schedule(epoch))
         fitter.optimizer.learning_rate.assign(learning_rate)
         started = time.perf_counter()
         loss, accuracy, seen = fitter.train_epoch(dataset, steps, global_batch)

@@ -24,7 +24,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
 
 class RelayCallback(UserCallback):
     """Runs in the Train controller: puts every report (one metrics dict per rank) into a Ray queue
-    that the driver drains (:class:`pneumonet.training.distributed.EpochRelay`)."""
+    that the driver drains (:class:`pneumonet.training.driver.EpochRelay`)."""
 
     def __init__(self, target: Any) -> None:
         self.target = target

@@ -4,14 +4,15 @@
    TensorflowConfig wrote (one worker per process; the strategy must exist before TF starts).
 2. Precision: ``distributed.mixed_precision`` (``auto``: mixed_float16 when this worker sees a GPU,
    float32 on CPU), set before the model is built. float16 trains with a LossScaleOptimizer.
-3. The stage is built inside ``strategy.scope()`` (mirrored variables, optimizer too).
-4. Its shards of ``train`` and ``val`` are read once from Ray Data into memory (uint8, 50 KB per
-   224 px image); cached-feature transfer runs the frozen backbone once over them, each worker over
-   its own shard, and trains the head on the features.
-5. ``ray.train.get_checkpoint()``: after a worker failure (or ``--resume``) the model, the optimizer,
+3. ``ray.train.get_checkpoint()``: after a worker failure (or ``--resume``) the model, the optimizer,
    the epoch counter, the best-so-far ROC-AUC/weights and the history come back, and training goes
    on after the last finished epoch. A restored *final* checkpoint means there is nothing left to do.
-6. Every epoch rank 0 writes a checkpoint and every rank reports its figures (global, identical on
+4. Its shards of ``train`` and ``val`` are read once from Ray Data into memory (uint8, 50 KB per
+   224 px image); :func:`pneumonet.training.stages.train_stage`, the same function a single-process
+   run calls, builds the stage inside ``strategy.scope()`` (mirrored variables, optimizer too),
+   restores the checkpoint, and trains. Cached-feature transfer runs the frozen backbone once over
+   the shards, each worker over its own, and trains the head on the features.
+5. Every epoch rank 0 writes a checkpoint and every rank reports its figures (global, identical on
    all ranks) with its weights digest; the last report carries the float32 full model with the best
    weights, which the driver turns into the artifact.
 """
@@ -28,18 +29,13 @@ import keras
 import ray.train
 import tensorflow as tf
 from ray.train import Checkpoint, CheckpointConsistencyMode
-from ray.train.v2._internal.execution import context as train_context
 
 from pneumonet.config import Config
-from pneumonet.training.checkpoint import (
-    read_state,
-    restore_checkpoint,
-    save_checkpoint,
-    save_final,
-)
-from pneumonet.training.data import read_shard
-from pneumonet.training.loop import FitState, Fitter, fit, weights_digest
-from pneumonet.training.variants import Stage, build_stage, stage_inputs, stage_settings
+from pneumonet.training.checkpoint import SavedTraining, read_checkpoint, read_state, save_checkpoint, save_final
+from pneumonet.training.ingest import read_shard, val_name
+from pneumonet.training.loop import Fitter, FitState, weights_digest
+from pneumonet.training.ray_private import quiet_report_logs
+from pneumonet.training.stages import Stage, build_stage, train_stage
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +56,7 @@ def precision_policy(setting: str) -> str:
 
 def _setup(cpus: float) -> None:
     logging.getLogger("pneumonet").setLevel(logging.INFO)
-    # Ray logs every report with all its metrics under a logger named after its source file: too chatty.
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    quiet_report_logs()  # Ray logs every report with all its metrics: too chatty
     tf.get_logger().setLevel("ERROR")
     threads = max(1, int(cpus))
     try:  # only possible before TensorFlow's runtime starts
@@ -69,6 +64,19 @@ def _setup(cpus: float) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))
     except RuntimeError:
         pass
+
+
+def _restored(variant: str) -> tuple[bool, SavedTraining | None]:
+    """(finished, saved) of the checkpoint Ray Train restored: a final one means nothing is left to do."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return False, None
+    with checkpoint.as_directory() as folder:
+        restored, final = read_state(folder)
+        if final:
+            log.info("%s: the run already finished (epoch %d); nothing to train", variant, restored.epoch)
+            return True, None
+        return False, read_checkpoint(folder)
 
 
 def _maybe_crash(epoch: int, rank: int, world: int) -> None:
@@ -107,36 +115,26 @@ def train_worker(spec: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     config = Config.model_validate(spec["config"])
     variant, transfer_uri = spec["variant"], spec.get("transfer_uri")
+    finished, saved = _restored(variant)
+    if finished:
+        return
     policy = precision_policy(config.distributed.mixed_precision)
     keras.config.set_dtype_policy(policy)
-    size, batch = config.model.image_size, config.train.batch_size
-
-    with strategy.scope():
-        stage = build_stage(variant, config, transfer_uri)
-    settings = stage_settings(config, tuple(spec["class_weight"]), variant, loss_scale=policy == "mixed_float16")
-    fitter = Fitter(stage.trained, settings, strategy)
-
-    state = FitState()
-    restored_digest = ""  # after a restart: the weights it continued from, for the summary and the tests
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            restored, final = read_state(folder)
-            if final:
-                log.info("%s: the run already finished (epoch %d); nothing to train", variant, restored.epoch)
-                return
-            with strategy.scope():
-                state = restore_checkpoint(folder, stage.trained, fitter.optimizer)
-        state.resumed_from.append(state.epoch)
-        restored_digest = weights_digest(stage.trained)
-        log.info("%s: resumed after epoch %d (best ROC-AUC %.4f at epoch %d)", variant, state.epoch, state.best_auc, state.best_epoch)
-
-    train_images, train_labels = read_shard("train", size)
-    val_images, val_labels = read_shard("val", size)
+    size = config.model.image_size
+    train = read_shard("train", size)
+    val = read_shard(val_name(rank), size)
     log.info("%s: rank %d/%d has %d training and %d validation images, policy %s", variant, rank, world,
-             len(train_labels), len(val_labels), policy)  # fmt: skip
-    train = (stage_inputs(stage, train_images, batch), train_labels)
-    val = (stage_inputs(stage, val_images, batch), val_labels)
+             len(train[1]), len(val[1]), policy)  # fmt: skip
+    restored_digest = ""  # after a restart: the weights it continued from, for the summary and the tests
+
+    def resume(fitter: Fitter) -> FitState:
+        nonlocal restored_digest
+        with strategy.scope():
+            state = saved.restore(fitter.model, fitter.optimizer)
+        state.resumed_from.append(state.epoch)
+        restored_digest = weights_digest(fitter.model)
+        log.info("%s: resumed after epoch %d (best ROC-AUC %.4f at epoch %d)", variant, state.epoch, state.best_auc, state.best_epoch)
+        return state
 
     def on_epoch_end(fitter: Fitter, state: FitState, figures: dict[str, float]) -> None:
         _maybe_crash(state.epoch, rank, world)
@@ -144,19 +142,21 @@ def train_worker(spec: dict[str, Any]) -> None:
             **figures,
             "rank": rank,
             "world_size": world,
-            "weights_digest": weights_digest(stage.trained),
-            "shard_images": len(train_labels),
-            "shard_val_images": len(val_labels),
+            "weights_digest": weights_digest(fitter.model),
+            "shard_images": len(train[1]),
+            "shard_val_images": len(val[1]),
             "best_epoch": state.best_epoch,
             "resumed_from": list(state.resumed_from),
             "restored_weights_digest": restored_digest,
         }
         _report(metrics, rank, f"epoch-{state.epoch:04d}-{len(state.resumed_from)}",
-                lambda folder: save_checkpoint(folder, stage.trained, fitter.optimizer, state))  # fmt: skip
+                lambda folder: save_checkpoint(folder, fitter.model, fitter.optimizer, state))  # fmt: skip
 
-    state = fit(stage.trained, train, val, settings, state=state, fitter=fitter, on_epoch_end=on_epoch_end)
+    stage, state = train_stage(
+        variant, config, train, val, class_weight=tuple(spec["class_weight"]), transfer_uri=transfer_uri,
+        strategy=strategy, loss_scale=policy == "mixed_float16", resume=resume if saved is not None else None, on_epoch_end=on_epoch_end,
+    )  # fmt: skip
     final = {"final": 1, "rank": rank, "epoch": state.epoch, "best_epoch": state.best_epoch,
              "weights_digest": weights_digest(stage.trained)}  # fmt: skip
     _report(final, rank, f"final-{len(state.resumed_from)}",
             lambda folder: save_final(folder, _export(stage, variant, config, transfer_uri), state))  # fmt: skip
-

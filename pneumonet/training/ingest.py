@@ -1,12 +1,13 @@
-"""Ray Data ingest: manifest rows in, decoded images out, one shard per Ray Train worker.
+"""Ingest: the images of a run's split plan, decoded once, for training and for the final evaluation.
 
-The driver catalogs the dataset and draws the patient split once (:mod:`pneumonet.training.variants`);
-here the rows of each split become a Ray Dataset whose ``map_batches`` tasks read the bytes through
+The driver draws the patient split once (:func:`pneumonet.data.split.plan_splits`); :func:`decode_plan`
+turns the rows of each split into a Ray Dataset whose ``map_batches`` tasks read the bytes through
 :mod:`pneumonet.storage` (a folder or ``s3://``, ``AWS_ENDPOINT_URL`` honoured for MinIO) and decode
 them with the one shared decoder (:func:`pneumonet.data.images.load_many` → ``load_image``). Each
 split is decoded once per job and materialized in the object store; every variant and every restart
-after a failure reuses it. Files that do not decode stay as rows with an ``error`` (reported in the
-manifest, as in a single-process run) and are filtered out before training.
+after a failure reuses it. Files that do not decode stay as rows with an ``error`` (recorded in the
+manifest) and are filtered out before training. :func:`prepare_data` does the same in this process,
+without Ray (tests, benchmarks, notebooks).
 
 Resources: a decode task asks for :data:`DECODE_CPUS` CPU and decodes its block with
 ``data.decode_workers`` threads (Pillow and pyarrow release the GIL). Every Ray Data task runs before
@@ -14,31 +15,33 @@ training starts (decoding, and :func:`usable`, materialized too), so the workers
 of the cluster: their ingest only reads blocks from the object store, which needs no CPU (a task
 waiting behind the workers' reservations would wait forever).
 
-Sharding (:class:`IngestConfig`): ``train`` is split into equal shards, because every worker must run
-the same number of steps (at most ``workers - 1`` images of the split sit out); ``val`` is split
-without dropping any row, because the predictions of all shards are gathered and scored together
-(:func:`pneumonet.training.loop.global_validation`). A worker reads its shards once per stage into
-memory and reshuffles/augments them every epoch with tf.data.
+Sharding (:func:`trainer_datasets`): ``train`` is split by Ray Train into equal shards, because every
+worker must run the same number of steps (at most ``workers - 1`` images of the split sit out);
+``val`` is split here into one dataset per worker without dropping any row, because the predictions
+of all shards are gathered and scored together (:func:`pneumonet.training.loop.global_validation`).
+A worker reads its shards once per stage into memory (:func:`read_shard`) and reshuffles/augments
+them every epoch with tf.data.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import ray
 import ray.train
-from ray.train import DataConfig
 
-from pneumonet.data.catalog import labels_of
+from pneumonet.data.catalog import SPLITS, labels_of, shared_patients
 from pneumonet.data.images import load_many
 
 if TYPE_CHECKING:  # TensorFlow stays out of the Ray Data processes that unpickle the functions below
     from pneumonet.config import Config
     from pneumonet.data.pipeline import ImageSet
+    from pneumonet.data.split import SplitPlan
 
 log = logging.getLogger(__name__)
 
@@ -118,23 +121,17 @@ def collect(dataset: ray.data.Dataset, rows: pd.DataFrame, size: int) -> ImageSe
     return ImageSet(images, labels_of(kept), kept, bad)
 
 
-class IngestConfig(DataConfig):
-    """``train``: equal shards (same step count everywhere); ``val``: every row exactly once."""
+def val_name(rank: int) -> str:
+    """The name of worker ``rank``'s validation dataset."""
+    return f"val-{rank}"
 
-    def __init__(self) -> None:
-        super().__init__(datasets_to_split=["train"])
 
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        others = {name: dataset for name, dataset in datasets.items() if name != "val"}
-        output = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
-        if "val" in datasets:
-            val = datasets["val"].copy(datasets["val"])
-            val.set_name(val.name or "val")
-            val.context.execution_options = self._resolve_execution_options("val")
-            hints = worker_node_ids if self._enable_shard_locality else None
-            for rank, shard in enumerate(val.streaming_split(world_size, equal=False, locality_hints=hints)):
-                output[rank]["val"] = shard
-        return output
+def trainer_datasets(train: ray.data.Dataset, val: ray.data.Dataset, workers: int) -> dict[str, ray.data.Dataset]:
+    """The TensorflowTrainer's datasets: ``train`` (Ray Train splits it in equal shards, its default for a
+    dataset named in ``DataConfig(datasets_to_split=["train"])``) and one validation dataset per worker
+    holding every row once (a dataset not named there reaches each worker whole; each reads its own)."""
+    parts = val.split(workers, equal=False)
+    return {"train": train, **{val_name(rank): part for rank, part in enumerate(parts)}}
 
 
 def read_shard(name: str, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,3 +144,57 @@ def read_shard(name: str, size: int) -> tuple[np.ndarray, np.ndarray]:
     if not images:
         return np.zeros((0, size, size, 1), np.uint8), np.zeros(0, np.int32)
     return np.concatenate(images).astype(np.uint8, copy=False), np.concatenate(labels).astype(np.int32)
+
+
+@dataclass
+class EvalData:
+    """What the final evaluation needs on the driver: the decoded validation and test splits and the data's identity."""
+
+    root: str
+    val: ImageSet
+    test: ImageSet | None
+    digest: str
+    shared_patients: list[str]  # test/ patients also in the training pool: recorded with the test metrics
+
+
+@dataclass
+class Decoded:
+    """A plan after decoding with Ray Data: the failures recorded in it, val/test on the driver, and
+    the usable train/val rows in the object store for the workers."""
+
+    plan: SplitPlan
+    data: EvalData
+    train: ray.data.Dataset
+    val: ray.data.Dataset
+
+
+def decode_plan(plan: SplitPlan, config: Config) -> Decoded:
+    """Decode every split of ``plan`` once with Ray Data (DataError when failures leave train or val without a class)."""
+    size = config.model.image_size
+    log.info("decoding %s images with Ray Data", ", ".join(f"{len(getattr(plan, split))} {split}" for split in SPLITS))
+    decoded = {split: decode_split(getattr(plan, split), config) for split in SPLITS if len(getattr(plan, split))}
+    val = collect(decoded["val"], plan.val, size)
+    test = collect(decoded["test"], plan.test, size) if "test" in decoded else None
+    plan = plan.with_failures({**failures(decoded["train"], plan.train), **val.failures, **(test.failures if test else {})})
+    data = EvalData(plan.root, val, test, plan.digest, shared_patients(plan.manifest))
+    return Decoded(plan, data, usable(decoded["train"]), usable(decoded["val"]))
+
+
+@dataclass
+class PreparedData(EvalData):
+    """Every split decoded in this process."""
+
+    manifest: pd.DataFrame
+    train: ImageSet
+
+
+def prepare_data(config: Config, root: str) -> PreparedData:
+    """Catalog, split and decode every split once in this process, without Ray (tests, benchmarks, notebooks)."""
+    from pneumonet.data.pipeline import load_image_set
+    from pneumonet.data.split import plan_splits
+
+    plan = plan_splits(config, root)
+    sets = {split: load_image_set(getattr(plan, split), config.model.image_size, config.data, progress=f"decode {split}")
+            for split in SPLITS if split != "test" or len(plan.test)}  # fmt: skip
+    plan = plan.with_failures({uri: why for part in sets.values() for uri, why in part.failures.items()})
+    return PreparedData(root, sets["val"], sets.get("test"), plan.digest, shared_patients(plan.manifest), plan.manifest, sets["train"])

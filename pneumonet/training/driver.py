@@ -1,19 +1,18 @@
 """The training job's driver: Ray Train V2 ``TensorflowTrainer`` runs, one per variant, on a Ray cluster.
 
 One code path for every door: ``jobs/train.py`` (a RayJob on Kubernetes), ``pneumonet train`` and
-:func:`pneumonet.training.variants.train_variants` (the embedded default, which starts a local Ray)
-all call :func:`run_training`, which
+``pneumonet demo`` (the embedded default, which starts a local Ray) all call :func:`run_training`, which
 
 1. fails fast, before any data is decoded: W&B (:func:`pneumonet.tracking.preflight`), the run storage
    (written), the dataset (catalog and patient split, once, here on the driver), and for ``finetune``
    alone the transfer model it starts from;
 2. connects to Ray (``RAY_ADDRESS``, the job's cluster) or starts a local one (:func:`ensure_ray`);
-3. decodes every split once with Ray Data (:mod:`pneumonet.training.data`); train/val are sharded to
+3. decodes every split once with Ray Data (:mod:`pneumonet.training.ingest`); train/val are sharded to
    the workers, val/test come back to the driver for the final evaluation;
 4. trains the variants in order, ``finetune`` from the ``transfer`` model of the same run
    (:mod:`pneumonet.training.worker` on every worker, ``MultiWorkerMirroredStrategy``; see
    :mod:`pneumonet.training.loop` for what makes that correct);
-5. turns each final checkpoint into the model artifact with :func:`~pneumonet.training.variants.finish`
+5. turns each final checkpoint into the model artifact with :func:`~pneumonet.training.finishing.finish`
    (threshold on validation, metrics and plots as in a single-process run) under
    ``STORAGE/models/<variant>/<run-id>/``, moves ``STORAGE/models/<variant>/latest``, and copies it to
    ``OUT/<variant>/`` when an output folder is given (:mod:`pneumonet.training.runs` has the layout).
@@ -23,7 +22,7 @@ reserves ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs (fractions allowe
 ``int(cpus_per_worker)`` (at least 1) TensorFlow threads. ``auto`` (the default, :func:`worker_cpus`)
 shares the machine's cores among the workers on a local cluster and follows the nodes' CPUs (a
 RayJob's worker pods) on a cluster. The splits are decoded and filtered before training starts
-(:mod:`pneumonet.training.data`), so Ray Data needs no CPU beside the workers: a local cluster has
+(:mod:`pneumonet.training.ingest`), so Ray Data needs no CPU beside the workers: a local cluster has
 ``max(cores, ceil(workers × cpus_per_worker))`` logical CPUs, and e.g. 2 workers × 2 CPUs on a 2-core
 laptop run (oversubscribed) instead of waiting forever.
 
@@ -41,16 +40,20 @@ import math
 import os
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 from pydantic import ValidationError
 
 from pneumonet import storage, tracking
-from pneumonet.console import duration
+from pneumonet.artifact_meta import read_metadata
 from pneumonet.config import VARIANTS, Config, Variant
-from pneumonet.data.catalog import read_manifest, shared_patients, write_manifest
-from pneumonet.errors import ArtifactError, ConfigError, DataError, PneumonetError
+from pneumonet.console import duration
+from pneumonet.data.catalog import labels_of, read_manifest, write_manifest
+from pneumonet.data.split import plan_splits, saved_plan
+from pneumonet.errors import ArtifactError, ConfigError, PneumonetError
+from pneumonet.training.finishing import finish
+from pneumonet.training.loop import balanced_class_weight
 from pneumonet.training.resources import worker_cpus
 from pneumonet.training.runs import (
     LATEST,
@@ -62,13 +65,9 @@ from pneumonet.training.runs import (
     publish_artifact,
     resolve_artifact_uri,
 )
-from pneumonet.training.variants import (
-    EvalData,
-    class_weight_of,
-    finish,
-    plan_splits,
-    saved_plan,
-)
+
+if TYPE_CHECKING:
+    from pneumonet.training.ingest import EvalData
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +87,19 @@ def ensure_ray(config: Config) -> bool:
     A local cluster gets ``max(cores, ceil(workers × cpus_per_worker))`` logical CPUs (see the module docstring).
     """
     import ray
-    from ray.train.v2._internal.constants import is_v2_enabled
+    import ray.train
 
     from pneumonet import local_ray
 
-    if not is_v2_enabled():
+    # Ray Train exports UserCallback only under V2 (its own switch, is_v2_enabled, is private).
+    if not hasattr(ray.train, "UserCallback"):
         raise ConfigError("RAY_TRAIN_V2_ENABLED=0 is set, but pneumonet needs Ray Train V2: unset it")
     if ray.is_initialized():
         return False
     dist = config.distributed
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
+        local_ray.connect()
         need, have = dist.workers * worker_cpus(config, local=False), ray.cluster_resources().get("CPU", 0.0)
         if have < need:
             log.warning("the Ray cluster has %.1f CPUs now; this job needs %.1f (an autoscaler may add more)", have, need)
@@ -109,8 +108,7 @@ def ensure_ray(config: Config) -> bool:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # no preemptible nodes here: one process less per run
     need = dist.workers * worker_cpus(config, local=True)
     # The dashboard stays on: Ray Train V2 watches its controller through the State API it serves.
-    local_ray.start(max(local_ray.machine_cpus(), math.ceil(need - 1e-9)))
-    return True
+    return local_ray.connect(max(local_ray.machine_cpus(), math.ceil(need - 1e-9)))
 
 
 def _ordered(variants: list[Variant]) -> list[Variant]:
@@ -222,11 +220,9 @@ def _scaling(config: Config, cpus: float):
 
 def _fit(variant: Variant, config: Config, layout: RunLayout, datasets: dict, spec: dict, relay: EpochRelay):
     """One TensorflowTrainer run; returns Ray's result (its checkpoint is the final one)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, TrainingFailedError
     from ray.train.tensorflow import TensorflowTrainer
-    from ray.train.v2.api.exceptions import TrainingFailedError
 
-    from pneumonet.training.data import IngestConfig
     from pneumonet.training.remote import train_loop_per_worker
 
     filesystem, path = storage.filesystem(layout.run_dir)
@@ -247,7 +243,7 @@ def _fit(variant: Variant, config: Config, layout: RunLayout, datasets: dict, sp
         scaling_config=_scaling(config, spec["cpus"]),
         run_config=run_config,
         datasets=datasets,
-        dataset_config=IngestConfig(),
+        dataset_config=DataConfig(datasets_to_split=["train"]),  # val: one dataset per worker (ingest.trainer_datasets)
     )
     try:
         return trainer.fit()
@@ -276,7 +272,7 @@ def _train_variant(
     config: Config,
     layout: RunLayout,
     datasets: dict,
-    data: EvalData,
+    data: EvalData,  # the splits decoded on the driver, for finish()
     spec: dict,
     mode: str,
     out: str | None,
@@ -299,7 +295,7 @@ def _train_variant(
         extra = {"run_id": layout.run_id, "workers": dist.workers, "resumed_from": state.resumed_from,
                  "mixed_precision": dist.mixed_precision}  # fmt: skip
         summary = finish(variant, model, state, config, data, artifact_uri, run=run, extra=extra)
-        meta = json.loads(storage.read_text(storage.join(artifact_uri, "pneumonet.json")))
+        meta = read_metadata(artifact_uri)
         run.log_artifact_model(artifact_uri, meta, manifest_uri=layout.manifest_uri)
         run.summary({"best_epoch": state.best_epoch, "epochs_run": state.epoch, "best_val_roc_auc": state.best_auc,
                      "threshold": summary["threshold"], "artifact": artifact_uri})  # fmt: skip
@@ -315,7 +311,7 @@ def _train_variant(
 def _finished_summary(layout: RunLayout, variant: Variant) -> dict:
     """The summary of a variant a resumed run had already finished."""
     uri = layout.artifact_uri(variant)
-    meta = json.loads(storage.read_text(storage.join(uri, "pneumonet.json")))
+    meta = read_metadata(uri)
     summary = {"variant": variant, "artifact": uri, "model_uri": uri, "threshold": meta["threshold"], "run_id": layout.run_id}
     for split in ("val", "test"):
         metrics = storage.join(uri, "evaluation", split, "metrics.json")
@@ -373,28 +369,19 @@ def run_training(
 
     started = ensure_ray(config)
     try:
-        from pneumonet.training.data import collect, decode_split, failures, usable
+        from pneumonet.training.ingest import decode_plan, trainer_datasets
 
-        size = config.model.image_size
-        log.info("decoding %s images with Ray Data", ", ".join(f"{len(getattr(plan, split))} {split}" for split in ("train", "val", "test")))
-        decoded = {split: decode_split(getattr(plan, split), config) for split in ("train", "val", "test") if len(getattr(plan, split))}
-        val = collect(decoded["val"], plan.val, size)
-        test = collect(decoded["test"], plan.test, size) if "test" in decoded else None
-        failed = {**failures(decoded["train"], plan.train), **val.failures, **(test.failures if test else {})}
-        plan = plan.with_failures(failed)
-        if plan.train["label"].nunique() < 2 or len(set(val.labels.tolist())) < 2:
-            raise DataError(f"{root}: after skipping unreadable files the train or val split lacks a class")
+        decoded = decode_plan(plan, config)
+        plan = decoded.plan
         write_manifest(plan.manifest, layout.manifest_uri)
         if out:
             write_manifest(plan.manifest, storage.join(out, "manifest.parquet"))
         if not resume:
             layout.write_run({"run_id": layout.run_id, "variants": variants, "data_root": root, "storage": storage_root,
                               "manifest_digest": plan.digest, "config": config.model_dump(mode="json")})  # fmt: skip
-        data = EvalData(root, val, test, plan.digest, shared_patients(plan.manifest))
-        datasets = {"train": usable(decoded["train"]), "val": usable(decoded["val"])}
-        del decoded  # the filtered copies are all training needs
+        datasets = trainer_datasets(decoded.train, decoded.val, config.distributed.workers)
         cpus = worker_cpus(config, local=not os.environ.get("RAY_ADDRESS"))
-        spec = {"config": config.model_dump(mode="json"), "class_weight": list(class_weight_of(plan.train)), "cpus": cpus}
+        spec = {"config": config.model_dump(mode="json"), "class_weight": list(balanced_class_weight(labels_of(plan.train))), "cpus": cpus}
         summaries: dict[str, dict] = {}
         for variant in variants:
             if resume and layout.is_finished(variant):
@@ -403,7 +390,7 @@ def run_training(
             else:
                 log.info("training %s (run %s, %d worker(s) × %g CPUs)", variant, layout.run_id, config.distributed.workers, cpus)
                 variant_spec = {**spec, "transfer_uri": transfer_uri if variant == "finetune" else None}
-                summaries[variant] = _train_variant(variant, config, layout, datasets, data, variant_spec, mode, out)
+                summaries[variant] = _train_variant(variant, config, layout, datasets, decoded.data, variant_spec, mode, out)
             _published(summaries[variant], layout, variant, out)
         return summaries
     finally:
