@@ -36,6 +36,7 @@ from sklearn.metrics import roc_auc_score
 from pneumonet.config import Config, ThresholdConfig, load_config
 from pneumonet.data.catalog import scan
 from pneumonet.data.pipeline import load_image_set
+from pneumonet.evaluation.calibrate import held_out_estimate, rates_at
 from pneumonet.evaluation.metrics import bootstrap_ci, choose_threshold
 from pneumonet.training.loop import predict_probabilities
 from pneumonet.training.ingest import prepare_data
@@ -65,35 +66,11 @@ RECIPES: dict[str, list[str]] = {
     "long": ["train.epochs=30"],
     "wide": ["model.custom_filters=[48,96,192,384]", "model.custom_dense_units=192"],
 }
-SITE_SENSITIVITY = 0.95
+SITE_POLICY = ThresholdConfig(policy="min_sensitivity", min_sensitivity=0.95)  # what `pneumonet calibrate` does by default
 
 
 def auc(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(roc_auc_score(labels, probs))
-
-
-def rates(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
-    preds = probs >= threshold
-    return {
-        "accuracy": float((preds == labels).mean()),
-        "sensitivity": float(preds[labels == 1].mean()),
-        "specificity": float(1 - preds[labels == 0].mean()),
-    }
-
-
-def site_calibrated(labels: np.ndarray, probs: np.ndarray, patients: np.ndarray, splits: int = 50) -> dict[str, float]:
-    """Mean figures on half the site patients at a threshold chosen on the other half (sens ≥ 0.95)."""
-    rng = np.random.default_rng(1)
-    unique = np.unique(patients)
-    policy = ThresholdConfig(policy="min_sensitivity", min_sensitivity=SITE_SENSITIVITY)
-    found = []
-    for _ in range(splits):
-        fit = np.isin(patients, rng.permutation(unique)[: len(unique) // 2])
-        if len(np.unique(labels[fit])) < 2 or len(np.unique(labels[~fit])) < 2:
-            continue
-        threshold = choose_threshold(labels[fit], probs[fit], policy)
-        found.append(rates(labels[~fit], probs[~fit], threshold))
-    return {key: float(np.mean([f[key] for f in found])) for key in found[0]}
 
 
 def judge(val: tuple[np.ndarray, np.ndarray], site: tuple[np.ndarray, np.ndarray, np.ndarray], config: Config) -> dict:
@@ -106,8 +83,8 @@ def judge(val: tuple[np.ndarray, np.ndarray], site: tuple[np.ndarray, np.ndarray
         "val_threshold": threshold,
         "site_auc": auc(labels, probs),
         "site_auc_ci": bootstrap_ci(labels, probs, threshold, 1000, 0, groups=patients)["roc_auc"],
-        "site_at_val_threshold": rates(labels, probs, threshold),
-        "site_calibrated": site_calibrated(labels, probs, patients),
+        "site_at_val_threshold": rates_at(labels, probs, threshold),
+        "site_calibrated": held_out_estimate(labels, probs, patients, SITE_POLICY),
     }
 
 

@@ -25,21 +25,25 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from quality_experiments import SITE_SENSITIVITY, auc, rates, site_calibrated
+from sklearn.metrics import roc_auc_score
 
 from pneumonet.artifact import load_artifact
 from pneumonet.config import ThresholdConfig, load_config
+from pneumonet.evaluation.calibrate import held_out_estimate, rates_at
 from pneumonet.evaluation.metrics import bootstrap_ci
 from pneumonet.evaluation.run import decode_split
 from pneumonet.training.adapt import adapt_artifact
 
 
+POLICY = ThresholdConfig(policy="min_sensitivity", min_sensitivity=0.95)  # calibrate's and adapt's default
+
+
 def figures(labels: np.ndarray, probs: np.ndarray, patients: np.ndarray, training_threshold: float) -> dict:
     return {
-        "roc_auc": auc(labels, probs),
+        "roc_auc": float(roc_auc_score(labels, probs)),
         "roc_auc_ci": bootstrap_ci(labels, probs, training_threshold, 1000, 0, groups=patients)["roc_auc"],
-        "at_training_threshold": rates(labels, probs, training_threshold),
-        "site_calibrated": site_calibrated(labels, probs, patients),
+        "at_training_threshold": rates_at(labels, probs, training_threshold),
+        "site_calibrated": held_out_estimate(labels, probs, patients, POLICY),
     }
 
 
@@ -70,8 +74,7 @@ def main() -> None:
     print(describe("source model", before), flush=True)
 
     started = time.perf_counter()
-    policy = ThresholdConfig(policy="min_sensitivity", min_sensitivity=SITE_SENSITIVITY)
-    record = adapt_artifact(args.model, args.site, args.out, policy, load_config(None, args.overrides).adapt, seed=args.seed)
+    record = adapt_artifact(args.model, args.site, args.out, POLICY, load_config(None, args.overrides).adapt, seed=args.seed)
     seconds = time.perf_counter() - started
     predictions = Path(args.out) / "evaluation" / "site" / "predictions.csv"
     oof = pd.read_csv(predictions).dropna(subset=["probability"]).set_index("uri").loc[images.rows["uri"], "probability"]

@@ -111,6 +111,9 @@ def _print_site_record(record: dict, source: str, out: str) -> None:
     print(f"site sample: {sample['n']} images of {sample['n_patients']} patients ({sample['n_positive']} pneumonia)")
     print(f"  source model, training threshold {record['training_threshold']:.3f}: {headline(before)}")
     print(f"  {source}, site threshold {record['threshold']:.3f}: {headline(site)}")
+    if held := record.get("held_out_estimate"):
+        print(f"  on patients it was not chosen on (threshold from one half, judged on the other, {held['splits']} splits): "
+              f"accuracy {held['accuracy']:.3f}, sensitivity {held['sensitivity']:.3f}, specificity {held['specificity']:.3f}")  # fmt: skip
     if platt := record.get("platt"):
         print(f"  Platt scaling: Brier {platt['brier_before']:.3f} → {platt['brier_after']:.3f}, "
               f"ECE {platt['ece_before']:.3f} → {platt['ece_after']:.3f} (two-fold over the site's patients)")  # fmt: skip

@@ -16,7 +16,7 @@ from pneumonet.cli import main
 from pneumonet.config import ThresholdConfig, load_config
 from pneumonet.data.catalog import manifest_digest, scan, usable, write_manifest
 from pneumonet.errors import DataError
-from pneumonet.evaluation.calibrate import calibrate_artifact, required_positives
+from pneumonet.evaluation.calibrate import calibrate_artifact, held_out_estimate, patient_half, rates_at, required_positives
 from pneumonet.evaluation.metrics import choose_threshold
 from pneumonet.evaluation.run import decode_split, evaluate_artifact
 from pneumonet.scoring.predict import predict_files
@@ -132,6 +132,8 @@ def test_calibrate_chooses_the_site_threshold_and_keeps_the_model(model_uri: str
     assert record["at_site_threshold"]["sensitivity"] >= 0.95
     assert record["at_site_threshold"]["ci95_grouped_by"] == "patient"
     assert record["at_training_threshold"]["threshold"] == 0.5
+    patients = images.rows["patient_id"].to_numpy()
+    assert record["held_out_estimate"] == held_out_estimate(images.labels, probs, patients, policy)
 
     # Every door decides with the site threshold and says so.
     metrics = evaluate_artifact(str(out), str(site_root), "test", str(tmp_path / "eval"))
@@ -141,6 +143,29 @@ def test_calibrate_chooses_the_site_threshold_and_keeps_the_model(model_uri: str
     assert predict_files(str(out), [uri])[0]["threshold_source"] == "site"
     assert (out / "evaluation" / "site" / "roc_curve.png").exists()
     assert (out / "evaluation" / "site" / "predictions.csv").exists()
+
+
+def test_the_held_out_estimate_judges_each_threshold_on_the_other_patients() -> None:
+    rng = np.random.default_rng(3)
+    patients = np.repeat(np.arange(60), 2)  # two images a patient: halves must keep them together
+    labels = (patients % 3 != 0).astype(int)
+    probs = np.clip(labels * 0.35 + rng.normal(0.3, 0.2, len(labels)), 0, 1)  # overlapping classes
+    policy = ThresholdConfig(policy="min_sensitivity", min_sensitivity=0.95)
+
+    half = patient_half(patients, np.random.default_rng(0))
+    assert not set(patients[half]) & set(patients[~half]) and abs(half.mean() - 0.5) < 0.05
+
+    one = held_out_estimate(labels, probs, patients, policy, splits=1, seed=7)
+    fit = patient_half(patients, np.random.default_rng(7))
+    expected = rates_at(labels[~fit], probs[~fit], choose_threshold(labels[fit], probs[fit], policy))
+    assert one == {**expected, "splits": 1}
+    in_sample = rates_at(labels, probs, choose_threshold(labels, probs, policy))
+    many = held_out_estimate(labels, probs, patients, policy)
+    assert many["splits"] == 50 and many["sensitivity"] < in_sample["sensitivity"]  # chosen on itself, it flatters
+    separable = held_out_estimate(labels, labels * 0.8 + 0.1, patients, policy)
+    assert separable["accuracy"] == separable["sensitivity"] == separable["specificity"] == 1.0
+    with pytest.raises(DataError, match="both classes"):
+        held_out_estimate(np.ones(8, int), np.full(8, 0.9), np.arange(8), policy)
 
 
 def test_calibrate_refuses_a_sample_too_small(model_uri: str, site_root: Path, tmp_path: Path) -> None:
@@ -166,6 +191,7 @@ def test_calibrate_cli_from_and_to_s3(model_uri: str, site_root: Path, s3_bucket
           f"{s3_bucket}/models/m-site", "--policy", "youden"])  # fmt: skip
     printed = capsys.readouterr().out
     assert "site threshold" in printed and "training threshold 0.500" in printed
+    assert "on patients it was not chosen on" in printed
     calibrated = load_artifact(f"{s3_bucket}/models/m-site")
     assert calibrated.threshold_source == "site"
     assert calibrated.meta["site_calibration"]["policy"]["policy"] == "youden"
