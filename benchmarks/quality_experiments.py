@@ -65,6 +65,7 @@ RECIPES: dict[str, list[str]] = {
     "ls": ["train.label_smoothing=0.1"],
     "long": ["train.epochs=30"],
     "wide": ["model.custom_filters=[48,96,192,384]", "model.custom_dense_units=192"],
+    "px224": ["model.image_size=224"],
 }
 SITE_POLICY = ThresholdConfig(policy="min_sensitivity", min_sensitivity=0.95)  # what `pneumonet calibrate` does by default
 
