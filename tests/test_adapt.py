@@ -64,14 +64,20 @@ def _digest(image: np.ndarray) -> str:
     return hashlib.sha256(image.tobytes()).hexdigest()
 
 
+def _weights_digest(model) -> str:
+    return hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in model.get_weights())).hexdigest()
+
+
 @pytest.fixture(scope="module")
 def adapted(source_uri: str, site_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One adaptation, with every fine-tuning call's training and monitored images recorded."""
     calls: list[tuple[set[str], set[str]]] = []
+    starts: list[str] = []  # the weights each fine-tuning started from
     real = adapt.fine_tune
 
     def spy(model, images, labels, monitor, *args, **kwargs):
         calls.append(({_digest(i) for i in images}, {_digest(i) for i in monitor[0]}))
+        starts.append(_weights_digest(model))
         return real(model, images, labels, monitor, *args, **kwargs)
 
     patch = pytest.MonkeyPatch()
@@ -81,7 +87,7 @@ def adapted(source_uri: str, site_root: Path, tmp_path_factory: pytest.TempPathF
         record = adapt_artifact(source_uri, str(site_root), out, POLICY, QUICK, n_bootstrap=50)
     finally:
         patch.undo()
-    return {"record": record, "out": out, "calls": calls}
+    return {"record": record, "out": out, "calls": calls, "starts": starts}
 
 
 def test_folds_hold_whole_patients_and_both_classes() -> None:
@@ -108,6 +114,8 @@ def test_each_image_is_scored_by_a_model_that_never_saw_its_patient(adapted: dic
         scored |= held_out
     assert scored == set(patient_of)  # every image was held out once
     assert final[0] == set(patient_of)  # the deployed model learns from the whole sample
+    # Every fold model, and the deployed one, starts from the source's weights, not from another fold's.
+    assert adapted["starts"] == [_weights_digest(load_artifact(source_uri).model)] * (QUICK.folds + 1)
 
 
 def test_adapting_learns_the_site_and_the_threshold_comes_from_out_of_fold_scores(

@@ -87,6 +87,14 @@ def fine_tune(
     return model
 
 
+def _copy(model: keras.Model) -> keras.Model:
+    """A fresh copy of the source's network and weights for each fine-tuning (the source stays untouched,
+    and is read from storage once)."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def _auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     return float(roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else None
 
@@ -125,7 +133,7 @@ def adapt_artifact(
         rest = np.setdiff1d(np.arange(len(labels)), held)
         log.info("fold %d/%d: fine-tuning on %d images of %d patients, scoring %d held-out images",
                  k + 1, cfg.folds, len(rest), len(set(patients[rest])), len(held))  # fmt: skip
-        model = fine_tune(load_artifact(model_uri).model, x[rest], labels[rest], (x[held], labels[held]), cfg, trained_with, seed + k)
+        model = fine_tune(_copy(source.model), x[rest], labels[rest], (x[held], labels[held]), cfg, trained_with, seed + k)
         out_of_fold[held] = Artifact(model, source.meta, source.uri).predict_proba(x[held])
         folds.append({"fold": k + 1, "n": len(held), "n_patients": len(set(patients[held])),
                       "roc_auc_before": _auc(labels[held], before[held]), "roc_auc_after": _auc(labels[held], out_of_fold[held])})  # fmt: skip
@@ -146,7 +154,7 @@ def adapt_artifact(
         "source": described,
     }
     log.info("fine-tuning the deployed model on all %d site images (its epoch figures are on those same images)", len(labels))
-    model = fine_tune(load_artifact(model_uri).model, x, labels, (x, labels), cfg, trained_with, seed + cfg.folds)
+    model = fine_tune(_copy(source.model), x, labels, (x, labels), cfg, trained_with, seed + cfg.folds)
     manifest = storage.join(source.uri, MANIFEST_FILE)  # the training data's lineage stays with the model
     files = {MANIFEST_FILE: storage.read_bytes(manifest)} if storage.exists(manifest) else None
     meta = {key: value for key, value in source.meta.items() if key not in ("version", "name")}
