@@ -358,10 +358,12 @@ def test_every_refusal_is_explained_next_to_its_file(browser: Any, endpoint: str
     stubs = {"limit.jpeg": (413, '{"error": "request body is over the limit of 1000 bytes"}', "application/json"),
              "busy.jpeg": (503, '{"error": "overloaded: 40 images wait for the model"}', "application/json"),
              "queue-full.jpeg": (503, "Service Unavailable", "text/plain"),
+             "slow.jpeg": (408, '{"error": "request not answered within 30 s (serve.request_timeout_s)"}', "application/json"),
              "offline.jpeg": (0, "", ""),
              "rotated.jpeg": (401, '{"error": "missing or invalid bearer token"}', "application/json")}  # fmt: skip
     shown = {"limit.jpeg": "Too large (413): request body is over the limit of 1000 bytes",
              "busy.jpeg": "(503): try again in 1 s. overloaded: 40 images", "queue-full.jpeg": "Service Unavailable",
+             "slow.jpeg": "Not answered in time (408): the upload was too slow or the endpoint too busy; try again. request not",
              "offline.jpeg": "Could not reach the endpoint (network error)", "rotated.jpeg": "Not authorised (401)"}  # fmt: skip
     for name, (status, body, content_type) in stubs.items():
         browser.execute_script(STUB_FETCH, status, body, content_type)
@@ -378,7 +380,7 @@ def test_every_refusal_is_explained_next_to_its_file(browser: Any, endpoint: str
     browser.execute_script("window.fetch = window.realFetch")
     by_id(browser, "token-input").send_keys(f"{TOKEN}\n")
     wait_for(browser, lambda d: not by_id(d, "token-view").is_displayed(), "the token accepted again")
-    for name in ("busy.jpeg", "queue-full.jpeg", "offline.jpeg", "rotated.jpeg"):
+    for name in ("busy.jpeg", "queue-full.jpeg", "slow.jpeg", "offline.jpeg", "rotated.jpeg"):
         part(result(browser, name), ".retry").click()
         wait_for(browser, lambda d, n=name: result(d, n).get_attribute("data-state") == "done", f"{name} scored on retry")
     assert not console_errors(browser), console_errors(browser)

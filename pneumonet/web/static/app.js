@@ -92,6 +92,9 @@
         return { text: `Too large (413): ${detail}` };
       case 415:
         return { text: `Not a supported file type (415): send JPEG, PNG or DICOM. The endpoint said: ${detail}` };
+      case 408:
+        return { text: `Not answered in time (408): the upload was too slow or the endpoint too busy; try again. ${detail}`,
+          retry: true };
       case 422:
         return { text: `Cannot read this image (422): ${detail}` };
       case 503: {
