@@ -256,7 +256,7 @@ def _the_rest(root: str, data, config, storage: str) -> list[tuple[str, str, lis
     sections.append(("Training with Ray Train (median of epochs 2-3)", "images/s", rows))
     print(*_table(*sections[-1]), sep="\n", flush=True)
 
-    from pneumonet.training.runs import resolve_artifact_uri
+    from pneumonet.registry import resolve_artifact_uri
 
     transfer_uri = resolve_artifact_uri(f"{storage}/models/transfer")
     rows = bench_forward(data, config, transfer_uri)

@@ -32,22 +32,78 @@ import re
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pneumonet import storage
 from pneumonet.artifact_meta import META_FILE, check_artifact
 from pneumonet.config import VARIANTS
 from pneumonet.errors import ArtifactError, ConflictError, RegistryError, StorageError
-from pneumonet.training.runs import LATEST, check_run_id, resolve_artifact_uri
+
+if TYPE_CHECKING:  # pneumonet.artifact loads TensorFlow; the Serve app builder and the scoring driver import this module
+    from pneumonet.artifact import Artifact
 
 log = logging.getLogger(__name__)
 
 MODELS = "models"
+LATEST = "latest"  # STORAGE/models/<variant>/latest: the run-id of the newest finished version
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ALIASES = "aliases"
 LOG_SUFFIX = ".log"
 _ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 _RESERVED = {LATEST, ALIASES, "current"}
 FIGURES = ("roc_auc", "sensitivity", "specificity", "accuracy", "n")
+
+
+def check_run_id(run_id: str) -> str:
+    """Run-ids become folder names, Ray experiment names and W&B run ids: keep them plain."""
+    if not _RUN_ID.match(run_id):
+        raise ConfigError(f"run-id {run_id!r}: use letters, digits, '-', '_' and '.', at most 64 characters")
+    return run_id
+
+
+
+def resolve_artifact_uri(uri: str) -> str:
+    """Follow a ``latest`` pointer: ``.../models/<variant>/latest`` or ``.../models/<variant>`` → the artifact.
+
+    Any other URI is returned unchanged, so callers can pass whatever the user gave.
+    """
+    uri = str(uri).rstrip("/")
+    pointer = uri if uri.endswith("/" + LATEST) else storage.join(uri, LATEST)
+    if storage.exists(pointer) and not storage.is_dir(pointer):
+        parent = pointer[: -len(LATEST)].rstrip("/")
+        return storage.join(parent, check_run_id(storage.read_text(pointer).strip()))
+    if uri.endswith("/" + LATEST):
+        raise ArtifactError(f"{uri}: no such pointer (no finished model of that variant yet)")
+    return uri
+
+
+def load_latest_artifact(storage_root: str, variant: str) -> Artifact:
+    """The newest finished model of ``variant`` under a storage root."""
+    from pneumonet.artifact import load_artifact
+
+    return load_artifact(resolve_artifact_uri(storage.join(storage_root, MODELS, variant, LATEST)))
+
+
+def publish_artifact(source: str, target: str) -> str:
+    """Replace ``target`` with a copy of an artifact folder (with its evaluation files).
+
+    The old folder goes first and ``pneumonet.json`` comes last, so a reader sees either no artifact or
+    the whole new one, never a new model under old metadata.
+    """
+    storage.delete(storage.join(target, META_FILE))
+    storage.delete(target)
+    entries = storage.list_files(source)
+    _, root = storage.filesystem(source)
+    meta = None
+    for entry in entries:
+        relative = storage.filesystem(entry.uri)[1][len(root) :].lstrip("/")
+        if relative == META_FILE:
+            meta = entry
+            continue
+        storage.copy(entry.uri, storage.join(target, *relative.split("/")))
+    if meta is not None:  # small, and written through a temporary file locally: never seen half-written
+        storage.write_bytes(storage.join(target, META_FILE), storage.read_bytes(meta.uri))
+    return target
 
 
 def check_alias(alias: str) -> str:

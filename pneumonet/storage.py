@@ -102,7 +102,11 @@ def _s3_filesystem(settings: tuple) -> pafs.S3FileSystem:
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem that holds ``uri`` and the path to pass to it."""
+    """The filesystem that holds ``uri`` and the path to pass to it.
+
+    Not ``pyarrow.fs.FileSystem.from_uri``: it builds a new S3 client per call, from the URI alone, without
+    the endpoint override, timeouts and retries of :func:`_s3_filesystem` (cached per environment).
+    """
     uri = str(uri)
     if is_s3(uri):
         path = uri[len(S3_SCHEME) :].rstrip("/")
@@ -267,24 +271,27 @@ def delete(uri: str) -> None:
             fs.delete_file(path)
 
 
+def copy(source: str | Path, target: str | Path) -> None:
+    """Copy a file, or every file under a folder or prefix, to ``target``, streamed (pyarrow.fs.copy_files:
+    no whole file in memory). Unlike :func:`write_bytes`, a local target file is written in place."""
+    source_fs, source_path = filesystem(str(source))
+    target_fs, target_path = filesystem(str(target))
+    with _reported(str(source)):
+        if not is_s3(str(target)):
+            parent = target_path if source_fs.get_file_info(source_path).type == pafs.FileType.Directory else os.path.dirname(target_path)
+            Path(parent).mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(source_path, target_path, source_filesystem=source_fs, destination_filesystem=target_fs)
+
+
 def upload_dir(local_dir: str | Path, uri: str) -> None:
     """Copy a local folder's files to a folder or ``s3://`` prefix."""
-    local_dir = Path(local_dir)
-    for file in sorted(local_dir.rglob("*")):
-        if file.is_file():
-            write_bytes(join(uri, *file.relative_to(local_dir).parts), file.read_bytes())
+    copy(Path(local_dir).absolute(), uri)
 
 
 def download_dir(uri: str, local_dir: str | Path) -> Path:
     """Copy a folder or prefix into a local folder and return it."""
-    local_dir = Path(local_dir)
-    fs, root = filesystem(uri)
-    for entry in list_files(uri):
-        _, path = filesystem(entry.uri)
-        target = local_dir / Path(path).relative_to(root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(read_bytes(entry.uri))
-    return local_dir
+    copy(uri, Path(local_dir).absolute())
+    return Path(local_dir)
 
 
 @contextlib.contextmanager
@@ -298,7 +305,7 @@ def local_path(uri: str) -> Iterator[Path]:
             yield download_dir(uri, Path(tmp) / "dir")
         else:
             target = Path(tmp) / Path(uri).name
-            target.write_bytes(read_bytes(uri))
+            copy(uri, target)
             yield target
 
 

@@ -214,7 +214,7 @@ class TrackingRun:
         artifact = wandb.Artifact(name, type="dataset", metadata={"manifest_digest": digest, "manifest": manifest_uri, **(metadata or {})})
         with tempfile.TemporaryDirectory(prefix="pneumonet-wandb-") as tmp:
             path = Path(tmp) / "manifest.parquet"
-            path.write_bytes(storage.read_bytes(manifest_uri))
+            storage.copy(manifest_uri, path)
             artifact.add_file(str(path))
             self._add(artifact, as_input=True)
         return f"{name}:{digest[:12]}"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,3 +95,27 @@ def s3_bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
     name = f"{name}-{time.monotonic_ns() % 100000}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+class _RejectingWandb(http.server.BaseHTTPRequestHandler):
+    """Answers every W&B API call as a server that does not know the key: 401."""
+
+    def do_POST(self) -> None:
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"errors": [{"message": "user is not logged in"}]}')
+
+    do_GET = do_POST
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture()
+def rejecting_wandb() -> Iterator[str]:
+    """A W&B server on 127.0.0.1 that rejects every API key; yields its base URL."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _RejectingWandb)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()

@@ -29,7 +29,7 @@ from pneumonet.training.args import add_train_arguments, run_job, train_from_arg
 from pneumonet.training.checkpoint import WEIGHTS_FILE, _load_arrays
 from pneumonet.training.driver import TrainingRunError, ensure_ray, run_training
 from pneumonet.training.loop import validation_scores
-from pneumonet.training.runs import load_latest_artifact
+from pneumonet.registry import load_latest_artifact
 from pneumonet.training.worker import CRASH_AT_EPOCH_ENV, CRASH_MARKER_ENV
 
 TINY = [
@@ -98,11 +98,11 @@ def test_wrong_credentials_fail_before_training(no_training, s3_env, s3_with_aut
         run_training(load_config(None, TINY), ["custom"], str(synthetic_root), "s3://pneumonet/runs")
 
 
-def test_bad_wandb_key_fails_before_training(no_training, monkeypatch, synthetic_root, tmp_path, capsys):
+def test_bad_wandb_key_fails_before_training(no_training, monkeypatch, rejecting_wandb, synthetic_root, tmp_path, capsys):
     key = "local-" + "0123456789" * 5
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", key)
-    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("WANDB_BASE_URL", rejecting_wandb)  # a server that answers, and refuses the key
     monkeypatch.setenv("WANDB_HTTP_TIMEOUT", "5")
     config = load_config(None, [*TINY, "tracking.mode=auto"])
     with pytest.raises(TrackingError, match="WANDB_API_KEY was not accepted") as error:

@@ -802,7 +802,7 @@ def test_gpu_checkpoints_are_what_the_bucket_lifecycle_expires_and_models_are_no
 def test_training_retries_resume_the_run_the_manifest_names(builds: dict) -> None:
     """A RayJob retry runs the same entrypoint on a new cluster: with a fixed --run-id and
     --resume-if-exists it continues that run's checkpoints instead of orphaning them."""
-    from pneumonet.training.runs import check_run_id
+    from pneumonet.registry import check_run_id
 
     for env in ("dev", "gpu"):
         train = workload(builds, env, "RayJob", "pneumonet-train")

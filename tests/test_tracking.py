@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import http.server
 import socket
-import threading
 import time
 
 import numpy as np
@@ -69,32 +67,15 @@ def test_unreachable_server_fails_fast_without_leaking_the_key(wandb_env, capsys
     assert BAD_KEY not in captured.out + captured.err + caplog.text
 
 
-def test_rejected_and_malformed_keys_are_tracking_errors(wandb_env):
-    class Reject(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.send_response(401)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b'{"errors": [{"message": "user is not logged in"}]}')
-
-        do_GET = do_POST
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Reject)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        wandb_env.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_port}")
-        wandb_env.setenv("WANDB_API_KEY", BAD_KEY)
-        with pytest.raises(TrackingError, match="not accepted") as error:
-            preflight(load_config(None, ["tracking.mode=online"]))
-        assert BAD_KEY not in str(error.value)
-        wandb_env.setenv("WANDB_API_KEY", "too-short")
-        with pytest.raises(TrackingError, match="not accepted"):
-            preflight(load_config(None, ["tracking.mode=online"]))
-    finally:
-        server.shutdown()
+def test_rejected_and_malformed_keys_are_tracking_errors(wandb_env, rejecting_wandb):
+    wandb_env.setenv("WANDB_BASE_URL", rejecting_wandb)
+    wandb_env.setenv("WANDB_API_KEY", BAD_KEY)
+    with pytest.raises(TrackingError, match="not accepted") as error:
+        preflight(load_config(None, ["tracking.mode=online"]))
+    assert BAD_KEY not in str(error.value)
+    wandb_env.setenv("WANDB_API_KEY", "too-short")
+    with pytest.raises(TrackingError, match="not accepted"):
+        preflight(load_config(None, ["tracking.mode=online"]))
 
 
 def test_disabled_run_is_a_no_op(wandb_env, tmp_path):

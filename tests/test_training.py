@@ -30,7 +30,8 @@ from pneumonet.training.loop import (
     balanced_class_weight,
     fit,
 )
-from pneumonet.training.runs import RunLayout, load_latest_artifact, resolve_artifact_uri
+from pneumonet.registry import load_latest_artifact, resolve_artifact_uri
+from pneumonet.training.runs import RunLayout
 from pneumonet.training.stages import build_stage, stage_settings, train_stage
 
 TINY = [

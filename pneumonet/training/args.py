@@ -67,7 +67,8 @@ def train_from_args(args: argparse.Namespace) -> dict[str, dict]:
     from pneumonet.config import VARIANTS
     from pneumonet.errors import ConfigError
     from pneumonet.training.driver import run_training
-    from pneumonet.training.runs import RunLayout, check_run_id
+    from pneumonet.registry import check_run_id
+    from pneumonet.training.runs import RunLayout
 
     config = config_from_args(args)
     storage_root = config.distributed.storage or args.out

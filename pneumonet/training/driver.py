@@ -46,25 +46,17 @@ import keras
 from pydantic import ValidationError
 
 from pneumonet import storage, tracking
-from pneumonet.artifact_meta import read_metadata
+from pneumonet.artifact_meta import MANIFEST_FILE, read_metadata
 from pneumonet.config import VARIANTS, Config, Variant
 from pneumonet.console import duration
 from pneumonet.data.catalog import labels_of, read_manifest, write_manifest
 from pneumonet.data.split import plan_splits, saved_plan
 from pneumonet.errors import ArtifactError, ConfigError, PneumonetError
+from pneumonet.registry import LATEST, MODELS, check_run_id, publish_artifact, resolve_artifact_uri
 from pneumonet.training.finishing import finish
 from pneumonet.training.loop import balanced_class_weight
 from pneumonet.training.resources import worker_cpus
-from pneumonet.training.runs import (
-    LATEST,
-    MANIFEST_FILE,
-    RunLayout,
-    check_run_id,
-    latest_run_id,
-    new_run_id,
-    publish_artifact,
-    resolve_artifact_uri,
-)
+from pneumonet.training.runs import RunLayout, latest_run_id, new_run_id
 
 if TYPE_CHECKING:
     from pneumonet.training.ingest import EvalData
@@ -124,7 +116,7 @@ def _transfer_source(variants: list[Variant], layout: RunLayout, out: str | None
         return None
     if "transfer" in variants or layout.is_finished("transfer"):
         return layout.artifact_uri("transfer")
-    pointer = storage.join(layout.storage, "models", "transfer", LATEST)
+    pointer = storage.join(layout.storage, MODELS, "transfer", LATEST)
     if storage.exists(pointer):
         return resolve_artifact_uri(pointer)
     if out and storage.exists(storage.join(out, "transfer", "pneumonet.json")):
@@ -291,7 +283,7 @@ def _train_variant(
         model, state = _final_model(result)
         artifact_uri = layout.artifact_uri(variant)
         # The version keeps its own copy of the data it was trained on (runs/ expires): evaluate uses it.
-        storage.write_bytes(storage.join(artifact_uri, MANIFEST_FILE), storage.read_bytes(layout.manifest_uri))
+        storage.copy(layout.manifest_uri, storage.join(artifact_uri, MANIFEST_FILE))
         extra = {"run_id": layout.run_id, "workers": dist.workers, "resumed_from": state.resumed_from,
                  "mixed_precision": dist.mixed_precision}  # fmt: skip
         summary = finish(variant, model, state, config, data, artifact_uri, run=run, extra=extra)

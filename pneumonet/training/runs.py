@@ -17,34 +17,21 @@ folder, from which it restores the last checkpoint of every unfinished variant.
 from __future__ import annotations
 
 import json
-import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 from pneumonet import storage
 from pneumonet.artifact_meta import MANIFEST_FILE, META_FILE
-from pneumonet.errors import ArtifactError, ConfigError
+from pneumonet.errors import ConfigError
+from pneumonet.registry import LATEST, MODELS, check_run_id
 
-if TYPE_CHECKING:  # pneumonet.artifact loads TensorFlow; the registry and Serve's app builder import this module
-    from pneumonet.artifact import Artifact
-
-LATEST = "latest"
 RUN_FILE = "run.json"
 RUN_KEYS = ("data_root", "config")  # what --resume reads back
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-
-
-def check_run_id(run_id: str) -> str:
-    """Run-ids become folder names, Ray experiment names and W&B run ids: keep them plain."""
-    if not _RUN_ID.match(run_id):
-        raise ConfigError(f"run-id {run_id!r}: use letters, digits, '-', '_' and '.', at most 64 characters")
-    return run_id
 
 
 @dataclass(frozen=True)
@@ -67,7 +54,7 @@ class RunLayout:
         return storage.join(self.run_dir, MANIFEST_FILE)
 
     def artifact_uri(self, variant: str) -> str:
-        return storage.join(self.storage, "models", variant, self.run_id)
+        return storage.join(self.storage, MODELS, variant, self.run_id)
 
     def exists(self) -> bool:
         """Whether this run was started here (``run.json`` is written before any training)."""
@@ -95,7 +82,7 @@ class RunLayout:
         return record
 
     def mark_latest(self, variant: str) -> None:
-        storage.write_text(storage.join(self.storage, "models", variant, LATEST), self.run_id + "\n")
+        storage.write_text(storage.join(self.storage, MODELS, variant, LATEST), self.run_id + "\n")
 
 
 def latest_run_id(storage_root: str) -> str:
@@ -104,47 +91,3 @@ def latest_run_id(storage_root: str) -> str:
     if not storage.exists(pointer):
         raise ConfigError(f"nothing to resume: {pointer} does not exist (no run was started under {storage_root})")
     return check_run_id(storage.read_text(pointer).strip())
-
-
-def resolve_artifact_uri(uri: str) -> str:
-    """Follow a ``latest`` pointer: ``.../models/<variant>/latest`` or ``.../models/<variant>`` → the artifact.
-
-    Any other URI is returned unchanged, so callers can pass whatever the user gave.
-    """
-    uri = str(uri).rstrip("/")
-    pointer = uri if uri.endswith("/" + LATEST) else storage.join(uri, LATEST)
-    if storage.exists(pointer) and not storage.is_dir(pointer):
-        parent = pointer[: -len(LATEST)].rstrip("/")
-        return storage.join(parent, check_run_id(storage.read_text(pointer).strip()))
-    if uri.endswith("/" + LATEST):
-        raise ArtifactError(f"{uri}: no such pointer (no finished model of that variant yet)")
-    return uri
-
-
-def load_latest_artifact(storage_root: str, variant: str) -> Artifact:
-    """The newest finished model of ``variant`` under a storage root."""
-    from pneumonet.artifact import load_artifact
-
-    return load_artifact(resolve_artifact_uri(storage.join(storage_root, "models", variant, LATEST)))
-
-
-def publish_artifact(source: str, target: str) -> str:
-    """Replace ``target`` with a copy of an artifact folder (with its evaluation files).
-
-    The old folder goes first and ``pneumonet.json`` comes last, so a reader sees either no artifact or
-    the whole new one, never a new model under old metadata.
-    """
-    storage.delete(storage.join(target, META_FILE))
-    storage.delete(target)
-    entries = storage.list_files(source)
-    _, root = storage.filesystem(source)
-    meta = None
-    for entry in entries:
-        relative = storage.filesystem(entry.uri)[1][len(root) :].lstrip("/")
-        if relative == META_FILE:
-            meta = entry
-            continue
-        storage.write_bytes(storage.join(target, *relative.split("/")), storage.read_bytes(entry.uri))
-    if meta is not None:
-        storage.write_bytes(storage.join(target, META_FILE), storage.read_bytes(meta.uri))
-    return target
