@@ -65,6 +65,23 @@ def is_image_name(name: str) -> bool:
     return PurePosixPath(str(name)).suffix.lower() in IMAGE_SUFFIXES
 
 
+# Suffixes that are certainly not images. Anything else is read and decoded, because DICOM files
+# often have no suffix or a numeric one (``1.2.840.113619.2.55``); the decoder decides by content.
+NOT_IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".txt", ".csv", ".tsv", ".json", ".xml", ".html", ".htm", ".md", ".yaml", ".yml", ".log", ".pdf",
+     ".doc", ".docx", ".xls", ".xlsx", ".zip", ".gz", ".tgz", ".tar", ".bz2", ".xz", ".7z", ".rar",
+     ".parquet", ".py", ".sh", ".exe", ".bin", ".db", ".sqlite", ".mp4", ".avi", ".mov", ".mp3", ".wav"}
+)  # fmt: skip
+
+
+def not_image_reason(uri: str) -> str | None:
+    """Why ``uri`` is skipped without reading it, or None when it should be decoded."""
+    suffix = PurePosixPath(uri).suffix.lower()
+    if suffix in NOT_IMAGE_SUFFIXES:
+        return f"{uri}: not an image file (suffix {suffix}); not read"
+    return None
+
+
 def _check_pixels(source: str, width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ImageDecodeError(

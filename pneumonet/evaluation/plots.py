@@ -16,8 +16,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from sklearn.calibration import calibration_curve
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.calibration import CalibrationDisplay
+from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
 
 from pneumonet.evaluation.metrics import CLASS_NAMES, check_inputs
 
@@ -52,7 +52,11 @@ def _operating_point(labels: np.ndarray, probs: np.ndarray, threshold: float) ->
 
 
 def plot_confusion_matrix(cm: Sequence[Sequence[int]] | np.ndarray, path: str | Path, title: str = "") -> Path:
-    """2x2 matrix ``[[tn, fp], [fn, tp]]``: counts and row-normalised percentages (per true class)."""
+    """2x2 matrix ``[[tn, fp], [fn, tp]]``: counts and row-normalised percentages (per true class).
+
+    Drawn here, not by ``sklearn.metrics.ConfusionMatrixDisplay``: that writes one number per cell, and
+    a reader needs both the count and the share of its true class.
+    """
     counts = np.asarray(cm, dtype=np.int64)
     if counts.shape != (2, 2):
         raise ValueError(f"confusion matrix must be 2x2 [[tn, fp], [fn, tp]], got shape {counts.shape}")
@@ -82,6 +86,20 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]] | np.ndarray, path: str | 
     return _save(fig, path)
 
 
+def _unit_axes(ax: Axes, xlabel: str, ylabel: str, legend: str) -> None:
+    """Both axes on [0, 1] (a little margin), labelled, gridded, with the legend at ``legend``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.grid(alpha=0.3)
+    ax.legend(loc=legend, fontsize=9)
+
+
+_CHANCE = {"ls": "--", "color": "0.6"}
+_ROC_AXES = ("False positive rate (1 − specificity)", "True positive rate (sensitivity)", "lower right")
+
+
 def plot_roc(y_true: Any, y_prob: Any, path: str | Path, threshold: float | None = None, title: str = "") -> Path:
     """ROC curve with its AUC, the chance diagonal and the operating point at ``threshold``."""
     labels, probs = check_inputs(y_true, y_prob)
@@ -91,21 +109,15 @@ def plot_roc(y_true: Any, y_prob: Any, path: str | Path, threshold: float | None
     if len(np.unique(labels)) < 2:
         _no_data(ax, "ROC curve undefined:\nonly one class present")
         return _save(fig, path)
-    fpr, tpr, _ = roc_curve(labels, probs)
-    ax.plot(fpr, tpr, lw=2, label=f"ROC (AUC = {roc_auc_score(labels, probs):.3f})")
-    ax.plot([0, 1], [0, 1], ls="--", color="0.6", label="chance")
+    RocCurveDisplay.from_predictions(labels, probs, name="ROC", ax=ax, curve_kwargs={"lw": 2},
+                                     plot_chance_level=True, chance_level_kw=_CHANCE)  # fmt: skip
     if threshold is not None:
         op_fpr, op_tpr, _ = _operating_point(labels, probs, threshold)
         ax.plot(
             op_fpr, op_tpr, "o", ms=9, color="crimson",
             label=f"threshold {threshold:.3f}: sens {op_tpr:.2f}, spec {1 - op_fpr:.2f}",
         )  # fmt: skip
-    ax.set_xlabel("False positive rate (1 − specificity)")
-    ax.set_ylabel("True positive rate (sensitivity)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
+    _unit_axes(ax, *_ROC_AXES)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -119,10 +131,9 @@ def plot_pr(y_true: Any, y_prob: Any, path: str | Path, threshold: float | None 
     if len(np.unique(labels)) < 2:
         _no_data(ax, "PR curve undefined:\nonly one class present")
         return _save(fig, path)
-    precision, recall, _ = precision_recall_curve(labels, probs)
-    ax.plot(recall, precision, lw=2, label=f"PR (AP = {average_precision_score(labels, probs):.3f})")
     prevalence = float(labels.mean())
-    ax.axhline(prevalence, ls="--", color="0.6", label=f"prevalence {prevalence:.2f}")
+    PrecisionRecallDisplay.from_predictions(labels, probs, name="PR", ax=ax, curve_kwargs={"lw": 2}, plot_chance_level=True,
+                                            chance_level_kw={**_CHANCE, "label": f"prevalence {prevalence:.2f}"})  # fmt: skip
     if threshold is not None:
         _, op_recall, op_precision = _operating_point(labels, probs, threshold)
         if np.isfinite(op_precision):
@@ -130,12 +141,7 @@ def plot_pr(y_true: Any, y_prob: Any, path: str | Path, threshold: float | None 
                 op_recall, op_precision, "o", ms=9, color="crimson",
                 label=f"threshold {threshold:.3f}: recall {op_recall:.2f}, precision {op_precision:.2f}",
             )  # fmt: skip
-    ax.set_xlabel("Recall (sensitivity)")
-    ax.set_ylabel("Precision (PPV)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=9)
+    _unit_axes(ax, "Recall (sensitivity)", "Precision (PPV)", "lower left")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -145,9 +151,9 @@ def plot_calibration(y_true: Any, y_prob: Any, path: str | Path, n_bins: int = 1
     labels, probs = check_inputs(y_true, y_prob)
     fig = Figure(figsize=(5.2, 6.2))
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
-    observed, predicted = calibration_curve(labels, probs, n_bins=n_bins, strategy="uniform", pos_label=1)
-    top.plot([0, 1], [0, 1], ls="--", color="0.6", label="perfectly calibrated")
-    top.plot(predicted, observed, "o-", lw=2, label="model")
+    CalibrationDisplay.from_predictions(labels, probs, n_bins=n_bins, strategy="uniform", pos_label=1, name="model",
+                                        ax=top, ref_line=True, marker="o", lw=2)  # fmt: skip
+    top.set_xlabel("")
     top.set_ylabel("Observed PNEUMONIA fraction")
     top.set_ylim(-0.02, 1.02)
     top.grid(alpha=0.3)
@@ -249,19 +255,13 @@ def plot_roc_overlay(curves: Mapping[str, tuple[Any, Any]], path: str | Path, ti
         raise ValueError("plot_roc_overlay needs at least one curve")
     fig = Figure(figsize=(5.6, 5.2))
     ax = fig.add_subplot()
-    for name, (y_true, y_prob) in curves.items():
+    for index, (name, (y_true, y_prob)) in enumerate(curves.items()):
         labels, probs = check_inputs(y_true, y_prob)
         if len(np.unique(labels)) < 2:
             raise ValueError(f"ROC curve of {name!r} is undefined: only one class present")
-        fpr, tpr, _ = roc_curve(labels, probs)
-        ax.plot(fpr, tpr, lw=2, label=f"{name} (AUC = {roc_auc_score(labels, probs):.3f})")
-    ax.plot([0, 1], [0, 1], ls="--", color="0.6", label="chance")
-    ax.set_xlabel("False positive rate (1 − specificity)")
-    ax.set_ylabel("True positive rate (sensitivity)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
+        RocCurveDisplay.from_predictions(labels, probs, name=name, ax=ax, curve_kwargs={"lw": 2},
+                                         plot_chance_level=index == len(curves) - 1, chance_level_kw=_CHANCE)  # fmt: skip
+    _unit_axes(ax, *_ROC_AXES)
     ax.set_title(_titled(title, "ROC curves"))
     fig.tight_layout()
     return _save(fig, path)

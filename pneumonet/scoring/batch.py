@@ -31,12 +31,10 @@ in a child process killed at ``data.max_decode_seconds``) becomes a row with an 
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,12 +47,13 @@ from pneumonet import console, storage
 from pneumonet.artifact_meta import operating_threshold
 from pneumonet.commandline import parse, verbose_parent
 from pneumonet.config import Config, load_config
+from pneumonet.data.blocks import decode_batch
 from pneumonet.errors import DataError, PneumonetError
 from pneumonet.evaluation.drift import NO_REFERENCE, read_reference, sample_key, sample_rate
 from pneumonet.registry import ResolvedModel, resolve_model
 from pneumonet.scoring import parts
 from pneumonet.scoring.cluster import init_ray, remote_errors
-from pneumonet.scoring.inputs import input_dataset, not_image_reason
+from pneumonet.scoring.inputs import input_dataset
 from pneumonet.scoring.options import SCORE_DESCRIPTION, add_score_arguments
 from pneumonet.scoring.plan import Plan, reconcile
 from pneumonet.scoring.predict import decide
@@ -70,10 +69,7 @@ BATCHES_PER_BLOCK = 2
 # request it waits until decode tasks and model actors free theirs, which on a busy cluster is
 # the end of the job (measured: every part landed after the last image was scored).
 WRITE_CPUS = 0
-# Files read concurrently inside one decode task (S3 latency); decoding itself stays on the
-# task's one CPU so Ray's CPU accounting holds.
-READ_THREADS = 8
-# Memory reserved per decode task: READ_THREADS raw files in flight (DICOMs reach tens of MB) plus
+# Memory reserved per decode task (pneumonet.data.blocks): READ_THREADS raw files in flight (DICOMs reach tens of MB) plus
 # a batch of decoded pixels. Reserving it also keeps decoding in its own CPU tasks: with equal
 # resource requests Ray Data would fuse it into the inference actors, and then an actor would
 # decode and run the model in turn instead of both running at once. (Each Ray worker that decodes
@@ -86,57 +82,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
     flags = {"workers": args.workers, "gpus_per_worker": args.gpus_per_worker, "batch_size": args.batch_size}
     extra = [f"score.{key}={value}" for key, value in flags.items() if value is not None]
     return load_config(args.config, [*args.overrides, *extra])
-
-
-def _read_or_error(uri: str, max_bytes: int) -> bytes | PneumonetError:
-    """The file's bytes, or why it is skipped, unreadable or over ``max_bytes``."""
-    reason = not_image_reason(uri)
-    if reason:
-        return PneumonetError(reason, kind="not_image")
-    try:
-        return storage.read_bytes(uri, max_bytes)
-    except PneumonetError as exc:
-        return exc
-
-
-@functools.cache
-def _decoder(max_seconds: float) -> Any:
-    """The decoder child of this Ray worker process, reused by every decode task it runs."""
-    from pneumonet.data.sandbox import DecoderPool
-
-    return DecoderPool(1, max_seconds)
-
-
-def decode_batch(
-    batch: dict[str, np.ndarray], size: int, max_pixels: int, max_bytes: int, max_seconds: float | None
-) -> dict[str, np.ndarray]:
-    """Ray Data stage 1: URIs → model-ready pixels; a file that fails gets zeros, its ``error`` and its
-    ``error_kind`` (:mod:`pneumonet.errors`). Decoding runs in a child process killed after
-    ``max_seconds`` (:mod:`pneumonet.data.sandbox`), or here when that is None."""
-    from pneumonet.data.images import load_image
-
-    decode = _decoder(max_seconds).load_image if max_seconds else load_image
-    uris = [str(uri) for uri in batch["uri"]]
-    images = np.zeros((len(uris), size, size, 1), np.uint8)
-    errors = [""] * len(uris)
-    kinds = [""] * len(uris)
-    with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="pneumonet-read") as pool:
-        # Windows of READ_THREADS files: concurrent reads, bounded raw bytes in memory.
-        for start in range(0, len(uris), READ_THREADS):
-            window = uris[start : start + READ_THREADS]
-            for index, data in enumerate(pool.map(_read_or_error, window, [max_bytes] * len(window)), start):
-                try:
-                    if isinstance(data, PneumonetError):
-                        raise data
-                    images[index] = decode(data, uris[index], size, max_pixels, max_bytes)
-                except PneumonetError as exc:
-                    errors[index], kinds[index] = str(exc), exc.kind
-                except Exception as exc:  # a decoder bug must cost one row, not an overnight job
-                    log.exception("unexpected error decoding %s", uris[index])
-                    errors[index] = f"{uris[index]}: unexpected {type(exc).__name__} while decoding: {exc}"
-                    kinds[index] = "decoder_crash"
-    return {"uri": np.asarray(uris, dtype=object), "image": images, "error": np.asarray(errors, dtype=object),
-            "error_kind": np.asarray(kinds, dtype=object)}  # fmt: skip
 
 
 class Scorer:

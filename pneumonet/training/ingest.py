@@ -3,14 +3,15 @@
 The driver draws the patient split once (:func:`pneumonet.data.split.plan_splits`); :func:`decode_plan`
 turns the rows of each split into a Ray Dataset whose ``map_batches`` tasks read the bytes through
 :mod:`pneumonet.storage` (a folder or ``s3://``, ``AWS_ENDPOINT_URL`` honoured for MinIO) and decode
-them with the one shared decoder (:func:`pneumonet.data.images.load_many` → ``load_image``). Each
+them with the one shared decoder (:func:`pneumonet.data.images.load_image`). Each
 split is decoded once per job and materialized in the object store; every variant and every restart
-after a failure reuses it. Files that do not decode stay as rows with an ``error`` (recorded in the
-manifest) and are filtered out before training. :func:`prepare_data` does the same in this process,
+after a failure reuses it. The decode tasks are batch scoring's (:func:`pneumonet.data.blocks.decode_batch`:
+``data.max_decode_seconds`` per file, a decoder crash costs one file). Files that do not decode stay as
+rows with an ``error`` (recorded in the manifest) and are filtered out before training. :func:`prepare_data` does the same in this process,
 without Ray (tests, benchmarks, notebooks).
 
-Resources: a decode task asks for :data:`DECODE_CPUS` CPU and decodes its block with
-``data.decode_workers`` threads (Pillow and pyarrow release the GIL). Every Ray Data task runs before
+Resources: a decode task asks for :data:`DECODE_CPUS` CPU (it reads several files at once and decodes
+one at a time). Every Ray Data task runs before
 training starts (decoding, and :func:`usable`, materialized too), so the workers may reserve every CPU
 of the cluster: their ingest only reads blocks from the object store, which needs no CPU (a task
 waiting behind the workers' reservations would wait forever).
@@ -36,7 +37,7 @@ import ray
 import ray.train
 
 from pneumonet.data.catalog import SPLITS, labels_of, shared_patients
-from pneumonet.data.images import load_many
+from pneumonet.data.blocks import decode_batch
 
 if TYPE_CHECKING:  # TensorFlow stays out of the Ray Data processes that unpickle the functions below
     from pneumonet.config import Config
@@ -49,20 +50,6 @@ DECODE_CPUS = 1.0
 DECODE_BLOCK = 64  # images per decode task
 MIN_BLOCKS = 8
 MAX_BLOCKS = 256
-
-
-def decode_batch(
-    batch: dict[str, np.ndarray], size: int, max_pixels: int, max_bytes: int, threads: int
-) -> dict[str, np.ndarray]:
-    """Decode one block of rows; a failed file keeps its row, with a zero image and its ``error``."""
-    uris = [str(uri) for uri in batch["uri"]]
-    result = load_many(uris, size, workers=threads, max_pixels=max_pixels, max_bytes=max_bytes)
-    images = np.zeros((len(uris), size, size, 1), np.uint8)
-    images[result.ok] = result.images
-    errors = np.array([result.failures.get(uri, "") for uri in uris], dtype=object)
-    if result.failures:
-        log.warning("%d of %d images could not be decoded, e.g. %s", len(result.failures), len(uris), next(iter(result.failures.values())))
-    return {"index": batch["index"], "label": batch["label"], "image": images, "error": errors}
 
 
 def decode_split(rows: pd.DataFrame, config: Config) -> ray.data.Dataset:
@@ -78,7 +65,8 @@ def decode_split(rows: pd.DataFrame, config: Config) -> ray.data.Dataset:
             "size": config.model.image_size,
             "max_pixels": config.data.max_image_pixels,
             "max_bytes": config.data.max_image_bytes,
-            "threads": config.data.decode_workers,
+            "max_seconds": config.data.max_decode_seconds,
+            "keep": ("index", "label"),
         },
         batch_size=None,  # one task per block
         batch_format="numpy",
@@ -175,7 +163,10 @@ def decode_plan(plan: SplitPlan, config: Config) -> Decoded:
     decoded = {split: decode_split(getattr(plan, split), config) for split in SPLITS if len(getattr(plan, split))}
     val = collect(decoded["val"], plan.val, size)
     test = collect(decoded["test"], plan.test, size) if "test" in decoded else None
-    plan = plan.with_failures({**failures(decoded["train"], plan.train), **val.failures, **(test.failures if test else {})})
+    failed = {**failures(decoded["train"], plan.train), **val.failures, **(test.failures if test else {})}
+    if failed:
+        log.warning("%d images could not be decoded and are left out (listed in the manifest), e.g. %s", len(failed), next(iter(failed.values())))
+    plan = plan.with_failures(failed)
     data = EvalData(plan.root, val, test, plan.digest, shared_patients(plan.manifest))
     return Decoded(plan, data, usable(decoded["train"]), usable(decoded["val"]))
 
