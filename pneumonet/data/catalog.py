@@ -157,9 +157,14 @@ def scan(root: str) -> pd.DataFrame:
 def shared_patients(manifest: pd.DataFrame) -> list[str]:
     """Patients with usable images in test/ and in the training pool (train/ or val/), sorted."""
     rows = usable(manifest)
-    test = set(rows.loc[rows["split"] == "test", "patient_id"])
-    pool = set(rows.loc[rows["split"].isin(["train", "val"]), "patient_id"])
-    return sorted(map(str, test & pool))
+    return patients_in_pool(rows[rows["split"] == "test"], rows)
+
+
+def patients_in_pool(rows: pd.DataFrame, manifest: pd.DataFrame) -> list[str]:
+    """Patients of ``rows`` that have usable images in the training pool (train/ or val/) of ``manifest``, sorted."""
+    pool = usable(manifest)
+    pool = set(pool.loc[pool["split"].isin(["train", "val"]), "patient_id"])
+    return sorted(map(str, set(rows["patient_id"]) & pool))
 
 
 def usable(manifest: pd.DataFrame) -> pd.DataFrame:

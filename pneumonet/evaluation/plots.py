@@ -96,6 +96,13 @@ def _unit_axes(ax: Axes, xlabel: str, ylabel: str, legend: str) -> None:
     ax.legend(loc=legend, fontsize=9)
 
 
+def _curve_figure(title: str, what: str) -> tuple[Figure, Axes]:
+    fig = Figure(figsize=(5.2, 5.0))
+    ax = fig.add_subplot()
+    ax.set_title(_titled(title, what))
+    return fig, ax
+
+
 _CHANCE = {"ls": "--", "color": "0.6"}
 _ROC_AXES = ("False positive rate (1 − specificity)", "True positive rate (sensitivity)", "lower right")
 
@@ -103,9 +110,7 @@ _ROC_AXES = ("False positive rate (1 − specificity)", "True positive rate (sen
 def plot_roc(y_true: Any, y_prob: Any, path: str | Path, threshold: float | None = None, title: str = "") -> Path:
     """ROC curve with its AUC, the chance diagonal and the operating point at ``threshold``."""
     labels, probs = check_inputs(y_true, y_prob)
-    fig = Figure(figsize=(5.2, 5.0))
-    ax = fig.add_subplot()
-    ax.set_title(_titled(title, "ROC curve"))
+    fig, ax = _curve_figure(title, "ROC curve")
     if len(np.unique(labels)) < 2:
         _no_data(ax, "ROC curve undefined:\nonly one class present")
         return _save(fig, path)
@@ -125,9 +130,7 @@ def plot_roc(y_true: Any, y_prob: Any, path: str | Path, threshold: float | None
 def plot_pr(y_true: Any, y_prob: Any, path: str | Path, threshold: float | None = None, title: str = "") -> Path:
     """Precision-recall curve with average precision, the prevalence baseline and the operating point."""
     labels, probs = check_inputs(y_true, y_prob)
-    fig = Figure(figsize=(5.2, 5.0))
-    ax = fig.add_subplot()
-    ax.set_title(_titled(title, "precision-recall curve"))
+    fig, ax = _curve_figure(title, "precision-recall curve")
     if len(np.unique(labels)) < 2:
         _no_data(ax, "PR curve undefined:\nonly one class present")
         return _save(fig, path)

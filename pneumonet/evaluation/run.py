@@ -21,7 +21,7 @@ from pneumonet import storage
 from pneumonet.artifact import Artifact, load_artifact
 from pneumonet.artifact_meta import MANIFEST_FILE
 from pneumonet.config import Config, DataConfig
-from pneumonet.data.catalog import manifest_digest, read_manifest, scan, usable
+from pneumonet.data.catalog import manifest_digest, patients_in_pool, read_manifest, scan, usable
 from pneumonet.data.pipeline import ImageSet, load_image_set
 from pneumonet.errors import DataError
 from pneumonet.evaluation import evaluate_predictions
@@ -102,9 +102,7 @@ def patients_also_in_train(artifact: Artifact, rows: pd.DataFrame) -> list[str] 
     """Patients of ``rows`` that the artifact's run trained or validated on (None: no saved manifest says)."""
     if not storage.exists(storage.join(artifact.uri, MANIFEST_FILE)):
         return None
-    manifest = saved_manifest(artifact)
-    pool = set(manifest.loc[manifest["split"].isin(["train", "val"]), "patient_id"])
-    return sorted(map(str, set(rows["patient_id"]) & pool))
+    return patients_in_pool(rows, saved_manifest(artifact))
 
 
 def decode_split(artifact: Artifact, data_root: str, split: str, data: DataConfig | None = None) -> ImageSet:

@@ -46,7 +46,7 @@ import keras
 from pydantic import ValidationError
 
 from pneumonet import storage, tracking
-from pneumonet.artifact_meta import MANIFEST_FILE, read_metadata
+from pneumonet.artifact_meta import MANIFEST_FILE, META_FILE, read_metadata
 from pneumonet.config import VARIANTS, Config, Variant
 from pneumonet.console import duration
 from pneumonet.data.catalog import labels_of, read_manifest, write_manifest
@@ -119,7 +119,7 @@ def _transfer_source(variants: list[Variant], layout: RunLayout, out: str | None
     pointer = storage.join(layout.storage, MODELS, "transfer", LATEST)
     if storage.exists(pointer):
         return resolve_artifact_uri(pointer)
-    if out and storage.exists(storage.join(out, "transfer", "pneumonet.json")):
+    if out and storage.exists(storage.join(out, "transfer", META_FILE)):
         return storage.join(out, "transfer")
     raise ArtifactError(
         f"finetune starts from a trained transfer model, but {pointer} does not exist: "
