@@ -41,8 +41,9 @@ from pneumonet.errors import DataError
 from pneumonet.scoring import parts
 from pneumonet.scoring.batch import score_archive
 from pneumonet.scoring.inputs import input_dataset
-from pneumonet.scoring.plan import reconcile
-from pneumonet.scoring.summary import HISTOGRAM_FILE, SUMMARY_FILE, summarize_output
+from pneumonet.scoring.plan import Digest, digest, reconcile, unchanged
+from pneumonet.scoring.summary import HISTOGRAM_FILE, OUTPUT_KEYS, SUMMARY_FILE, summarize_output
+from wandb_records import offline_runs
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -391,6 +392,16 @@ def test_summary_and_anti_join_count_gaps_and_duplicates(ray_address: str, tmp_p
     assert len(waves) == 2 and sorted(pd.concat([wave.to_pandas() for wave in waves])["uri"]) == ["c", "d"]
     assert sorted(plan.inputs_dataset().to_pandas()["uri"]) == ["a", "b", "c", "d"]
 
+    # The digest recorded from the grouped table (weighted by "listed") is the digest of the listing
+    # itself, repeats included, in any order and any blocks; any other listing of as many URIs differs.
+    resume = plan.resume_state("parts-fingerprint")
+    listing = ray.data.from_items([{"uri": uri} for uri in ["a", "c", "d", "b", "c"]], override_num_blocks=3)
+    assert Digest.from_dict(resume["listing"]) == digest(listing) == Digest(5, digest(listing).value)
+    same = unchanged(listing, resume)
+    assert same is not None and same.unchanged and (same.inputs, same.todo, same.repeated_inputs, same.other_rows) == (4, 0, 1, 3)
+    for other in (["a", "b", "c", "d", "d"], ["a", "b", "c", "d", "e"], ["a", "b", "c", "d"]):
+        assert unchanged(ray.data.from_items([{"uri": uri} for uri in other]), resume) is None, other
+
 
 def rows_in_parts(output: Path) -> int:
     return sum(pq.read_metadata(path).num_rows for path in output.glob("part-*.parquet"))
@@ -442,6 +453,62 @@ def test_job_killed_twice_half_way_then_finished_scores_each_file_once(
     runs = {Path(uri).name.rsplit("-", 1)[0] for uri in parts.list_parts(str(output))}
     assert len(runs) == 3
     assert not list(output.glob(".*"))
+
+
+def test_a_finished_job_rerun_unchanged_is_skipped_by_digest_and_any_change_runs_the_anti_join(
+    tmp_path_factory: pytest.TempPathFactory, model_uri: str, ray_address: str, tmp_path: Path
+) -> None:
+    from pneumonet.data.synthetic import synthesize_dataset
+
+    root = synthesize_dataset(tmp_path_factory.mktemp("rerun"), n=24, size=SIZE, seed=8)
+    (root / "broken.jpeg").write_bytes(b"\xff\xd8 not really")
+    output = tmp_path / "scores"
+
+    def parts_on_disk() -> dict[str, int]:
+        return {path.name: path.stat().st_mtime_ns for path in output.glob("part-*.parquet")}
+
+    def inputs() -> list[str]:
+        return [entry.uri for entry in storage.list_files(str(root))]
+
+    first = score_archive(model_uri, str(root), str(output), config())
+    assert first["run"]["planned_by"] == "anti-join" and first["resume"]["inputs"] == len(inputs())
+    written = parts_on_disk()
+
+    # Unchanged: the digest of the listing matches; nothing is read, scored or written.
+    again = score_archive(model_uri, str(root), str(output), config())
+    assert again["run"]["planned_by"] == "digest" and again["run"]["parts_written"] == 0
+    assert again["run"]["already_scored"] == len(inputs()) and parts_on_disk() == written
+    assert {key: again[key] for key in OUTPUT_KEYS} == {key: first[key] for key in OUTPUT_KEYS}
+    assert json.loads((output / SUMMARY_FILE).read_text())["resume"] == first["resume"]
+
+    # A file renamed (as many files as before): the anti-join runs and scores the new name only;
+    # the old name's row stays, not counted. Tracked offline: the progress counters reach W&B.
+    old = next(path for path in sorted(root.rglob("*.jpeg")) if path.name != "broken.jpeg")
+    old.rename(root / "renamed.jpeg")
+    renamed = score_archive(model_uri, str(root), str(output), config("tracking.mode=offline", "score.progress_seconds=0.2"))
+    run = renamed["run"]
+    assert run["planned_by"] == "anti-join" and (run["already_scored"], run["scored_this_run"], run["failed_this_run"]) == (len(inputs()) - 1, 1, 0)
+    frame = read_output(str(output))
+    assert frame["uri"].is_unique and set(frame["uri"]) == {*inputs(), str(old)}
+    assert renamed["files"] == len(inputs()) + 1 and renamed["resume"]["other_rows"] == 1
+    (tracked,) = offline_runs(output / "_tracking").values()
+    progress = [row for row in tracked.history if "files_done" in row]
+    assert progress and (progress[-1]["files_done"], progress[-1]["files_total"], progress[-1]["failures"]) == (1, 1, 0)
+    assert {"already_done", "images_per_second", "eta_seconds", "parts"} <= set(progress[-1])
+    assert progress[-1]["already_done"] == len(inputs()) - 1
+    assert score_archive(model_uri, str(root), str(output), config())["run"]["planned_by"] == "digest"
+
+    # A part deleted (the archive unchanged): the fingerprint of the parts differs, its rows are scored again.
+    gone = sorted(output.glob("part-*.parquet"))[0]
+    lost = set(parts.read_part(str(gone), ["uri"]).column("uri").to_pylist()) - {str(old)}  # old: not an input now
+    gone.unlink()
+    rescored = score_archive(model_uri, str(root), str(output), config())
+    run = rescored["run"]
+    assert run["planned_by"] == "anti-join" and run["scored_this_run"] + run["failed_this_run"] == len(lost)
+    assert run["already_scored"] == len(inputs()) - len(lost)
+    frame = read_output(str(output))
+    assert frame["uri"].is_unique and set(inputs()) <= set(frame["uri"]) <= {*inputs(), str(old)}
+    assert rescored["missing"] == rescored["duplicate_rows"] == 0
 
 
 def test_listing_by_sub_prefix_finds_every_visible_file_once(ray_address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

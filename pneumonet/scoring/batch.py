@@ -12,6 +12,10 @@ on the workers; the driver plans, counts and reports::
         ──► one row of counts per part back to the driver: progress, W&B (progress.py)
         ──► check (the anti-join again: no URI missing, none twice) and summary (summary.py)
 
+A re-run of a finished job, with the archive and the output unchanged, lists the archive and
+digests the listing (one streaming pass, no shuffle, no part read) and stops there: nothing to
+do, proved by the digest recorded by the run that finished (plan.py says why that is sound).
+
 Why this shape: listing on the driver costs ~2 MiB per 1,000 files (20 GiB at ten million, more
 than a head pod has), and so does a Python set of done URIs; a hash-shuffle join spreads both over
 the cluster and its result stays in the object store. Rows reaching the driver cost as much again,
@@ -55,10 +59,18 @@ from pneumonet.scoring import parts
 from pneumonet.scoring.cluster import init_ray, remote_errors
 from pneumonet.scoring.inputs import input_dataset
 from pneumonet.scoring.options import SCORE_DESCRIPTION, add_score_arguments
-from pneumonet.scoring.plan import Plan, reconcile
+from pneumonet.scoring.plan import Plan, reconcile, unchanged
 from pneumonet.scoring.predict import decide
 from pneumonet.scoring.progress import Progress
-from pneumonet.scoring.summary import DRIFT_PLOT_FILE, drift_summary, summarize_output, write_summary
+from pneumonet.scoring.summary import (
+    DRIFT_PLOT_FILE,
+    OUTPUT_KEYS,
+    RESUME_KEY,
+    drift_summary,
+    summarize_output,
+    verified_summary,
+    write_summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -172,14 +184,15 @@ class RunStats:
     run_id: str
     inputs: int
     already_scored: int
-    planning_seconds: float  # listing + reading the existing parts + anti-join
+    planning_seconds: float  # listing + reading the existing parts + anti-join (or the listing's digest)
+    planned_by: str  # "anti-join", or "digest": the archive and the output unchanged since a verified run
     scored_this_run: int = 0
     failed_this_run: int = 0
     parts_written: int = 0
     seconds: float = 0.0  # the scoring pipeline, start-up included
     seconds_to_first_part: float | None = None  # start-up: actors starting, models loading
     steady_images_per_second: float | None = None  # from the first part's landing to the last's
-    check_seconds: float = 0.0  # the final anti-join (skipped when nothing was written)
+    check_seconds: float = 0.0  # the final anti-join (skipped when nothing was written) and the resume digest
 
     def as_dict(self) -> dict[str, Any]:
         files = self.scored_this_run + self.failed_this_run
@@ -269,27 +282,34 @@ def score_archive(model_ref: str, input_uri: str, output_uri: str, config: Confi
     with remote_errors():
         start = time.monotonic()
         inputs = input_dataset(input_uri, exclude_prefix=output)
-        plan = reconcile(inputs, parts.parts_dataset(output, ["uri", "model"], model=model_id), _partitions())
+        verified = verified_summary(output, model_id)
+        plan = unchanged(inputs, verified[RESUME_KEY]) if verified else None
+        if plan is None:
+            plan = reconcile(inputs, parts.parts_dataset(output, ["uri", "model"], model=model_id), _partitions())
         if plan.inputs == 0:
             raise DataError(f"{input_uri}: no files to score")
-        stats = RunStats(parts.new_run_id(), plan.inputs, plan.already, time.monotonic() - start)
+        planned_by = "digest" if plan.unchanged else "anti-join"
+        stats = RunStats(parts.new_run_id(), plan.inputs, plan.already, time.monotonic() - start, planned_by)
         _log_plan(plan, input_uri, output, model_id, stats)
         settings = {"input": input_uri, "output": output, "run_id": stats.run_id, "inputs": plan.inputs,
                     "already_scored": plan.already}  # fmt: skip
         with _tracking(config, output, stats.run_id, settings) as run:
             run.use_model_artifact(model.uri, meta)
             check = plan
+            start = time.monotonic()
             if plan.todo:
                 _run_pipeline(plan, model, config, output, stats, run)
                 start = time.monotonic()
                 check = reconcile(plan.inputs_dataset(), parts.parts_dataset(output, ["uri"]), _partitions())
-                stats.check_seconds = time.monotonic() - start
             if check.missing or check.duplicate_rows:
                 raise DataError(
                     f"{output}: {check.missing} inputs have no row and {check.duplicate_rows} rows repeat "
                     "a URI; run the job again to score the missing ones"
                 )
-            summary = summarize_output(output)
+            resume = check.resume_state(parts.fingerprint(output))
+            stats.check_seconds = time.monotonic() - start
+            # The parts are the ones the verified summary counted: its counts still hold.
+            summary = {key: verified[key] for key in OUTPUT_KEYS} if plan.unchanged else summarize_output(output)
             title = f"{model_id} on {input_uri}"
             summary["drift"], drift_plot = drift_summary(output, reference, config.drift, title)
             _log_drift(summary)
@@ -297,9 +317,9 @@ def score_archive(model_ref: str, input_uri: str, output_uri: str, config: Confi
             summary.update(missing=check.missing, duplicate_rows=check.duplicate_rows, model=model_id,
                            model_uri=model.uri, model_version=model.version, model_alias=model.alias,
                            model_ref=model.ref, input=input_uri, output=output, threshold=threshold,
-                           threshold_source=source, run=stats.as_dict())  # fmt: skip
+                           threshold_source=source, run=stats.as_dict(), **{RESUME_KEY: resume})  # fmt: skip
             write_summary(output, summary, threshold, title, drift_plot)
-            run.summary({key: value for key, value in summary.items() if key != "failure_examples"})
+            run.summary({key: value for key, value in summary.items() if key not in ("failure_examples", RESUME_KEY)})
             if drift_plot is not None:
                 run.log_images({"drift": storage.join(output, DRIFT_PLOT_FILE)})
     return summary
@@ -311,10 +331,14 @@ def _log_drift(summary: dict[str, Any]) -> None:
 
 
 def _log_plan(plan: Plan, input_uri: str, output: str, model_id: str, stats: RunStats) -> None:
-    log.info(
-        "scoring %d files from %s with %s: %d already in %s, %d to do (planned in %.1f s)",
-        plan.inputs, input_uri, model_id, plan.already, output, plan.todo, stats.planning_seconds,
-    )  # fmt: skip
+    if plan.unchanged:
+        log.info("%s: the %d files of %s are the ones a verified run of %s scored; nothing to do (found by the "
+                 "listing's digest in %.1f s)", output, plan.inputs, input_uri, model_id, stats.planning_seconds)  # fmt: skip
+    else:
+        log.info(
+            "scoring %d files from %s with %s: %d already in %s, %d to do (planned in %.1f s)",
+            plan.inputs, input_uri, model_id, plan.already, output, plan.todo, stats.planning_seconds,
+        )  # fmt: skip
     if plan.repeated_inputs:
         log.warning("%s lists %d URIs more than once; each is scored once", input_uri, plan.repeated_inputs)
     if plan.other_rows:

@@ -85,14 +85,25 @@ def write_part(output: str, name: str, table: pa.Table) -> str:
     return uri
 
 
-def list_parts(output: str) -> list[str]:
-    """URIs of the finished parts under ``output`` (none when it does not exist yet)."""
+def _part_entries(output: str) -> list[storage.FileEntry]:
     if not storage.exists(output):
         return []
     if not storage.is_dir(output):
         raise StorageError(f"{output}: the output must be a folder or prefix, but it is a file")
-    return [entry.uri for entry in storage.list_files(output, recursive=False)
-            if PART_PATTERN.match(PurePosixPath(entry.uri).name)]  # fmt: skip
+    return [entry for entry in storage.list_files(output, recursive=False) if PART_PATTERN.match(PurePosixPath(entry.uri).name)]
+
+
+def list_parts(output: str) -> list[str]:
+    """URIs of the finished parts under ``output`` (none when it does not exist yet)."""
+    return [entry.uri for entry in _part_entries(output)]
+
+
+def fingerprint(output: str) -> str:
+    """A digest of the names and sizes of ``output``'s finished parts: the same while no part is
+    added, removed or rewritten (a part's name is a digest of its URIs). One listing of the output,
+    no part read: about a thousand names at ten million files."""
+    lines = sorted(f"{PurePosixPath(entry.uri).name} {entry.size}" for entry in _part_entries(output))
+    return hashlib.blake2b("\n".join(lines).encode(), digest_size=16).hexdigest()
 
 
 def read_part(uri: str, columns: list[str]) -> pa.Table:

@@ -12,10 +12,26 @@ per distinct URI, how often it was listed and how many output rows it has. From 
 The grouped table is materialized in the object store (about 100 bytes a distinct URI, spread
 over the nodes, spilled to disk under pressure) so that the counts, the pipeline and the final
 check read it without listing the input again; the driver only ever sees the counts.
+
+The re-run of a finished job skips the anti-join (the job's fixed cost: it lists, reads every part's
+``uri`` and shuffles both, ~10 % of a first run at 10^6 files here) when nothing changed. A run whose
+final check proved the output complete records, in ``_summary.json``, a :class:`Digest` of what it
+listed and a fingerprint of the parts it checked (:func:`pneumonet.scoring.parts.fingerprint`). The
+next run lists again and digests the listing in one streaming pass, with no shuffle and nothing per
+file kept (:func:`digest`): when the parts are still exactly those (same names and sizes; parts are
+immutable and named by the digest of their URIs) and the listing's digest equals the recorded one,
+every listed URI already has exactly one row, so there is nothing to do (:func:`unchanged`). Any
+difference (a file added, removed or renamed, a part deleted, another model, an older summary)
+falls back to the full anti-join. Why this is sound: the digest is order-independent and exact
+for multisets (each URI weighted by how often it is listed, so a manifest's repeats match too):
+two different listings give the same digest only by a collision of sums of 128-bit hashes modulo
+2^128, with a chance of 2^-128 (2^-(128-k) if every URI's count changed by a multiple of 2^k). Why not cheaper: the
+listing itself is the one thing that must be redone, since only it says what the archive holds now.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,9 +75,51 @@ def listed_rows(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.greater(batch.column("listed"), 0)).select(["uri"])
 
 
+DIGEST_BITS = 128
+
+
+@dataclass(frozen=True)
+class Digest:
+    """An order-independent digest of a multiset of URIs: how many, and the sum modulo 2^128 of
+    their 128-bit BLAKE2b hashes (a sum, not an XOR: a URI listed twice must not cancel out)."""
+
+    count: int
+    value: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "sum": f"{self.value:032x}"}
+
+    @classmethod
+    def from_dict(cls, recorded: dict[str, Any]) -> Digest:
+        return cls(int(recorded["count"]), int(recorded["sum"], 16))
+
+
+def digest_batch(batch: pa.Table) -> pa.Table:
+    """Ray Data map: ``uri`` rows (weighted by their ``listed`` column when there is one, as in the
+    anti-join's grouped table) → one row, the batch's :class:`Digest` (``sum`` as hex: Arrow has no
+    128-bit integers)."""
+    uris = batch.column("uri").to_pylist()
+    weights = batch.column("listed").to_pylist() if "listed" in batch.column_names else [1] * len(uris)
+    total = sum(weight * int.from_bytes(hashlib.blake2b(uri.encode(), digest_size=DIGEST_BITS // 8).digest(), "little")
+                for uri, weight in zip(uris, weights) if weight)  # fmt: skip
+    return pa.table({"count": [sum(weights)], "sum": [f"{total % 2**DIGEST_BITS:032x}"]})
+
+
+def digest(dataset: Any) -> Digest:
+    """The :class:`Digest` of a Dataset of ``uri`` rows: one streaming pass, one row per block back."""
+    count = value = 0
+    for table in dataset.map_batches(digest_batch, batch_size=None, batch_format="pyarrow").iter_batches(
+        batch_size=None, batch_format="pyarrow"
+    ):
+        count += sum(table.column("count").to_pylist())
+        value += sum(int(text, 16) for text in table.column("sum").to_pylist())
+    return Digest(count, value % 2**DIGEST_BITS)
+
+
 @dataclass
 class Plan:
-    """The counts of one anti-join, and its materialized grouped table."""
+    """The counts of one anti-join, and its materialized grouped table (None when :func:`unchanged`
+    found the output complete without one)."""
 
     grouped: Any
     inputs: int
@@ -69,6 +127,12 @@ class Plan:
     repeated_inputs: int  # listed more than once (a manifest's repeats); each is scored once
     duplicate_rows: int
     other_rows: int  # rows of URIs that are not inputs (an earlier, larger input): kept, not counted
+    listing: Digest | None = None  # of the listing, as a multiset; computed from grouped when asked
+
+    @property
+    def unchanged(self) -> bool:
+        """Found complete by the digest of the listing (:func:`unchanged`): no anti-join ran."""
+        return self.grouped is None
 
     @property
     def todo(self) -> int:
@@ -91,6 +155,23 @@ class Plan:
     def inputs_dataset(self) -> Any:
         """The distinct input URIs, from the object store (the input is not listed again)."""
         return self.grouped.map_batches(listed_rows, batch_format="pyarrow")
+
+    def resume_state(self, parts_fingerprint: str) -> dict[str, Any]:
+        """What a later run needs to find this output unchanged (:func:`unchanged`), recorded once a
+        check has proved it complete: the listing's digest and the fingerprint of the parts checked."""
+        listing = self.listing or digest(self.grouped)  # weighted by "listed": a pass over the object store
+        return {"inputs": self.inputs, "other_rows": self.other_rows, "listing": listing.as_dict(), "parts": parts_fingerprint}
+
+
+def unchanged(inputs: Any, resume: dict[str, Any]) -> Plan | None:
+    """A plan with nothing to do when ``inputs`` digest to what the last verified run listed
+    (``resume``, from :meth:`Plan.resume_state`; the caller has checked that its parts are still
+    there, unchanged); None when the listing differs: then only the anti-join can tell."""
+    recorded = Digest.from_dict(resume["listing"])
+    if digest(inputs) != recorded:
+        return None
+    n = int(resume["inputs"])
+    return Plan(None, n, n, recorded.count - n, 0, int(resume["other_rows"]), listing=recorded)
 
 
 def reconcile(inputs: Any, done: Any | None, partitions: int) -> Plan:

@@ -12,6 +12,11 @@ The workers reduce each batch of rows to a partial (counts, failures by ``error_
 histogram of :data:`FINE_BINS` bins, a few error messages) and the driver adds the partials up as
 they stream in, so the summary of ten million rows holds no row on the driver. Quantiles come
 from the fine histogram: within one bin width (1/:data:`FINE_BINS` = 5e-5) of the exact ones.
+
+A run whose final check proved the output complete also records there, under ``resume``, what the
+next run needs to see that nothing changed (:mod:`pneumonet.scoring.plan`); such a run then takes
+the counts of :data:`OUTPUT_KEYS` from this summary instead of reading every part again: they are a
+function of the parts, and the parts are the same.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from matplotlib.figure import Figure
 from pneumonet import storage
 from pneumonet.config import DriftConfig
 from pneumonet.evaluation.drift import NO_REFERENCE, Reference, drift_png, window_tests
-from pneumonet.scoring.parts import parts_dataset, read_drift_sample
+from pneumonet.scoring.parts import fingerprint, parts_dataset, read_drift_sample
 
 SUMMARY_FILE = "_summary.json"
 HISTOGRAM_FILE = "_histogram.png"
@@ -41,6 +46,10 @@ EXAMPLES = 20
 COLUMNS = ["probability", "prediction", "error", "error_kind", "in_distribution"]
 # The kind counted for an error row without one (a part written before rows had error_kind).
 UNCLASSIFIED = "unclassified"
+# The summary's sections computed from the rows of the parts by summarize_output.
+OUTPUT_KEYS = ("files", "scored", "failures", "failures_by_kind", "predictions", "probability", "failure_examples",
+               "out_of_distribution")  # fmt: skip
+RESUME_KEY = "resume"
 
 
 def partial_stats(batch: pa.Table) -> pa.Table:
@@ -117,6 +126,23 @@ def summarize_output(output: str) -> dict[str, Any]:
         "failure_examples": examples,
         "out_of_distribution": {"checked": totals["checked"], "flagged": totals["flagged"]},
     }  # fmt: skip
+
+
+def verified_summary(output: str, model: str) -> dict[str, Any] | None:
+    """The output's summary if it still describes the output: written after a check that proved it
+    complete (it has ``resume``), for ``model``, and the parts are still the ones checked (the same
+    :func:`~pneumonet.scoring.parts.fingerprint`). None otherwise, or when there is none."""
+    uri = storage.join(output, SUMMARY_FILE)
+    if not storage.exists(uri):
+        return None
+    try:
+        summary = json.loads(storage.read_text(uri))
+    except ValueError:  # not ours, or cut short by hand: the anti-join decides
+        return None
+    resume = summary.get(RESUME_KEY) if isinstance(summary, dict) else None
+    if not isinstance(resume, dict) or summary.get("model") != model or resume.get("parts") != fingerprint(output):
+        return None
+    return summary
 
 
 def drift_summary(output: str, reference: Reference | None, config: DriftConfig, title: str) -> tuple[dict[str, Any], bytes | None]:
