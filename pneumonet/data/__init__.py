@@ -1,1 +1,1 @@
-"""Data: catalog, patient split, the shared image decoder, input pipelines, synthetic data."""
+"""Data: catalog, patient split, the shared image decoder (and its Ray Data task, blocks), input pipelines, synthetic data."""
