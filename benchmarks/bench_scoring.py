@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scoring.py [--variant custom transfer] [--n 768] [--batch-size 32]
     python benchmarks/bench_scoring.py --scale [--scale-n 10000 100000 1000000] [--scale-source tiny|real]
+    python benchmarks/bench_scoring.py --drift --model M [--n 768] [--rounds 2]
 
 Throughput, per variant, in this process on this machine, same batch size:
 
@@ -337,6 +338,35 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
     return results
 
 
+def drift_cost(args: argparse.Namespace, work: Path) -> dict:
+    """Drift bookkeeping's cost (``--drift``): ``score_archive`` of the same files with ``--model`` (which must
+    carry a drift reference) and with a copy of it without one, alternated ``--rounds`` times; prints the
+    steady-state figures of both (best round), the overhead and the processes' peak memory."""
+    from pneumonet.artifact import DRIFT_KEY, derive_artifact, load_artifact
+    from pneumonet.scoring.batch import BATCHES_PER_BLOCK
+
+    artifact = load_artifact(args.model)
+    if DRIFT_KEY not in artifact.meta:
+        raise SystemExit(f"--drift: {args.model} has no drift reference (pneumonet drift-reference adds one)")
+    plain = derive_artifact(artifact, {k: v for k, v in artifact.meta.items() if k != DRIFT_KEY}, str(work / "plain"))
+    n, rows = args.n or 768, args.batch_size * BATCHES_PER_BLOCK
+    files = image_files(n, work)
+    print(f"\n== drift cost: {n} images, batch {args.batch_size}, {args.rounds} alternated rounds", flush=True)
+    best: dict[str, tuple[Measure, dict]] = {}
+    for round_ in range(args.rounds):
+        for name, model in (("without drift", plain), ("with drift", args.model)):
+            overall, steady, run = pipeline(model, files, work, f"{name.replace(' ', '-')}-{round_}",
+                                            [f"score.batch_size={args.batch_size}"], rows)  # fmt: skip
+            measure = steady or overall
+            print(f"{name:14s} round {round_ + 1}: {measure}  (total peak {run['total_peak_mib']:.0f} MiB)", flush=True)
+            if name not in best or measure.cpu_ms < best[name][0].cpu_ms:
+                best[name] = (measure, run)
+    (off, off_run), (on, on_run) = best["without drift"], best["with drift"]
+    print(f"drift adds {on.cpu_ms / off.cpu_ms - 1:+.1%} CPU time per image, {off.rate / on.rate - 1:+.1%} wall time "
+          f"(best rounds); peak memory of every process {off_run['total_peak_mib']:.0f} -> {on_run['total_peak_mib']:.0f} MiB")  # fmt: skip
+    return {name: {"rate": m.rate, "cpu_ms": m.cpu_ms, "total_peak_mib": r["total_peak_mib"]} for name, (m, r) in best.items()}
+
+
 def scale(args: argparse.Namespace, work: Path) -> dict:
     from pneumonet.config import load_config
     from pneumonet.scoring.batch import score_archive
@@ -409,6 +439,8 @@ def main() -> None:
     parser.add_argument("--scale-pool", type=int, default=300, help="distinct images the archive links to")
     parser.add_argument("--scale-image-size", type=int, default=32)
     parser.add_argument("--scale-rows-per-file", type=int, default=2000, help="rows per part (several parts time the steady state)")
+    parser.add_argument("--drift", action="store_true", help="score --model with and without its drift reference")
+    parser.add_argument("--rounds", type=int, default=2, help="--drift: alternated rounds of the two")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -423,7 +455,7 @@ def main() -> None:
         os.environ.setdefault(INLINE_RESULT_ENV, str(INLINE_RESULT_BYTES))  # as a scoring job's Ray has it
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         try:
-            results = scale(args, work) if args.scale else throughput(args, work)
+            results = scale(args, work) if args.scale else drift_cost(args, work) if args.drift else throughput(args, work)
         finally:
             ray.shutdown()
         print(f"load average {os.getloadavg()[0]:.1f} at end")

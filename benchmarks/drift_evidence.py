@@ -8,9 +8,9 @@
 
 1. **False alarms**: the window tests on 20 random patient-grouped subsets of about 200 images of the
    model's validation patients, two ways: against the artifact's reference (built on all of them: the
-   subsets are drawn from the reference itself, the issue's protocol) and, the honest version, against
-   a reference built here on a random half of the validation patients with the subsets drawn from the
-   other half.
+   subsets are drawn from the reference itself, the issue's protocol) and, the honest version, each
+   subset against a reference built here on a fresh random half of the validation patients, the subset
+   drawn from the other half (so the 20 windows are independent trials, not 20 looks at one pool).
 2. **The site sample**: the verdict on all its images, the p-values, the share flagged; and how large
    a window of site-like images (resampled) the alarm needs to fire.
 3. **Out-of-distribution inputs**: uniform and Gaussian noise, gradients, rendered text, synthetic
@@ -39,7 +39,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from pneumonet.artifact import load_artifact  # noqa: E402
 from pneumonet.config import Config  # noqa: E402
 from pneumonet.data.images import load_image  # noqa: E402
-from pneumonet.evaluation.drift import Reference, build_reference, drift_png, read_reference, window_tests  # noqa: E402
+from pneumonet.evaluation.drift import (  # noqa: E402
+    Reference,
+    build_reference,
+    drift_png,
+    image_statistics,
+    read_reference,
+    window_tests,
+)
 from pneumonet.evaluation.run import decode_split  # noqa: E402
 
 SUBSETS = 20
@@ -61,10 +68,12 @@ def patient_subsets(patients: np.ndarray, rng: np.random.Generator, count: int, 
     return subsets
 
 
-def verdicts(ref: Reference, raw: np.ndarray, emb: np.ndarray, subsets: list[np.ndarray], config: Config) -> dict:
+def verdicts(refs: list[Reference], raw: np.ndarray, emb: np.ndarray, images: np.ndarray, subsets: list[np.ndarray],
+             config: Config) -> dict:  # fmt: skip
+    """The window tests on each subset against its reference (one per subset)."""
     results = []
-    for seed, index in enumerate(subsets):
-        inside, _ = ref.gate(emb[index])
+    for seed, (ref, index) in enumerate(zip(refs, subsets)):
+        inside, _ = ref.gate(emb[index], images[index])
         results.append(window_tests(ref, raw[index], ref.project(emb[index]), inside, config.drift, seed=seed))
     tested = [r for r in results if r["tests"]]
     return {
@@ -73,6 +82,7 @@ def verdicts(ref: Reference, raw: np.ndarray, emb: np.ndarray, subsets: list[np.
         "tested": len(tested),
         "images": [r["n"] for r in results],
         "min_p_adjusted": {name: min(r["tests"][name]["p_adjusted"] for r in tested) for name in (tested or [{"tests": {}}])[0]["tests"]},
+        "alarmed_on": [[name for name, t in r["tests"].items() if t["p_adjusted"] <= r["alpha"]] for r in results if r["verdict"] == "drift"],
         "flagged_share": float(np.mean([r["tests"]["ood_share"]["observed"] for r in tested])) if tested else None,
     }
 
@@ -117,7 +127,8 @@ def ood_inputs(rng: np.random.Generator, folder: Path) -> dict[str, list[bytes]]
     return kinds
 
 
-def smallest_alarming_window(ref: Reference, raw: np.ndarray, emb: np.ndarray, config: Config, rng: np.random.Generator) -> dict:
+def smallest_alarming_window(ref: Reference, raw: np.ndarray, emb: np.ndarray, images: np.ndarray, config: Config,
+                             rng: np.random.Generator) -> dict:  # fmt: skip
     """Windows of site-like images (resampled with replacement): how many images until the alarm fires
     in at least 9 of 10 windows."""
     found = {}
@@ -125,7 +136,7 @@ def smallest_alarming_window(ref: Reference, raw: np.ndarray, emb: np.ndarray, c
         fired = 0
         for seed in range(10):
             index = rng.integers(0, len(raw), size)
-            inside, _ = ref.gate(emb[index])
+            inside, _ = ref.gate(emb[index], images[index])
             fired += window_tests(ref, raw[index], ref.project(emb[index]), inside, config.drift, seed=seed)["verdict"] == "drift"
         found[size] = fired
         if fired >= 9:
@@ -158,29 +169,37 @@ def main() -> None:
     evidence: dict = {"model": args.model, "name": artifact.name, "version": artifact.version,
                       "reference": artifact.meta["drift_reference"], "load_average": os.getloadavg()}  # fmt: skip
 
+    images = val.images
     # 1. False alarms.
-    evidence["false_alarms_in_sample"] = verdicts(ref, raw, emb, patient_subsets(patients, rng, SUBSETS, SUBSET_IMAGES), config)
-    unique = rng.permutation(np.unique(patients))
-    half = np.isin(patients, unique[: len(unique) // 2])
-    half_ref, half_record = build_reference(raw[half], emb[half], patients[half], config.drift, config.seed)
-    other = np.flatnonzero(~half)
-    subsets = [other[s] for s in patient_subsets(patients[other], rng, SUBSETS, SUBSET_IMAGES)]
-    evidence["false_alarms_held_out_half"] = {**verdicts(half_ref, raw, emb, subsets, config),
-                                              "reference_images": int(half.sum()), "test_pool_images": len(other)}  # fmt: skip
+    subsets = patient_subsets(patients, rng, SUBSETS, SUBSET_IMAGES)
+    evidence["false_alarms_in_sample"] = verdicts([ref] * SUBSETS, raw, emb, images, subsets, config)
+    half_refs, subsets, held_out_flagged, sizes = [], [], [], []
+    for _ in range(SUBSETS):  # a fresh half of the patients for each window: independent trials
+        unique = rng.permutation(np.unique(patients))
+        half = np.isin(patients, unique[: len(unique) // 2])
+        half_ref, _ = build_reference(raw[half], emb[half], patients[half], config.drift, config.seed, images[half])
+        other = np.flatnonzero(~half)
+        half_refs.append(half_ref)
+        subsets.append(other[patient_subsets(patients[other], rng, 1, SUBSET_IMAGES)[0]])
+        held_out_flagged.append(float(1 - half_ref.gate(emb[other], images[other])[0].mean()))
+        sizes.append(int(half.sum()))
+    evidence["false_alarms_held_out_half"] = {**verdicts(half_refs, raw, emb, images, subsets, config),
+                                              "reference_images": sizes}  # fmt: skip
     evidence["val_flagged"] = {
-        "artifact_reference_in_sample": float(1 - ref.gate(emb)[0].mean()),
-        "held_out_half": float(1 - half_ref.gate(emb[~half])[0].mean()),
+        "artifact_reference_in_sample": float(1 - ref.gate(emb, images)[0].mean()),
+        "held_out_half": float(np.mean(held_out_flagged)),
+        "held_out_half_max": float(np.max(held_out_flagged)),
         "reference_cross_fitted": artifact.meta["drift_reference"]["ood"]["held_out_flagged"],
     }
 
     # 2. The site sample.
     site = decode_split(artifact, args.site, "test")
     site_raw, site_emb = artifact.predict_with_embeddings(site.images)
-    site_inside, _ = ref.gate(site_emb)
+    site_inside, _ = ref.gate(site_emb, site.images)
     site_verdict = window_tests(ref, site_raw, ref.project(site_emb), site_inside, config.drift)
     evidence["site"] = {"verdict": site_verdict, "flagged_share": float(1 - site_inside.mean()),
                         "mean_score": float(site_raw.mean()), "reference_mean_score": float(ref.scores.mean()),
-                        **smallest_alarming_window(ref, site_raw, site_emb, config, rng)}  # fmt: skip
+                        **smallest_alarming_window(ref, site_raw, site_emb, site.images, config, rng)}  # fmt: skip
     plots = {"drift-site.png": drift_png(ref, site_raw, site_verdict, f"{artifact.name}: site sample vs validation reference")}
 
     # 3. Out-of-distribution inputs.
@@ -188,18 +207,26 @@ def main() -> None:
         kinds = ood_inputs(rng, Path(tmp))
     size = artifact.image_size
     distances = {"validation (held-out half)": half_ref.distance(emb[~half]), "site sample": ref.distance(site_emb)}
+    image_distances = {"validation (held-out half)": half_ref.image_distance(image_statistics(images[~half])),
+                       "site sample": ref.image_distance(image_statistics(site.images))}  # fmt: skip
     flagged = {}
     for kind, files in kinds.items():
         images = np.stack([load_image(data, f"{kind}.img", size) for data in files])
         kind_raw, kind_emb = artifact.predict_with_embeddings(images)
-        inside, _ = ref.gate(kind_emb)
-        flagged[kind] = {"n": len(files), "flagged_share": float(1 - inside.mean()), "mean_score": float(kind_raw.mean())}
+        inside, _ = ref.gate(kind_emb, images)
+        flagged[kind] = {"n": len(files), "flagged_share": float(1 - inside.mean()), "mean_score": float(kind_raw.mean()),
+                         "embedding_flagged": float(np.mean(ref.distance(kind_emb) > ref.ood_threshold)),
+                         "image_flagged": float(np.mean(ref.image_distance(image_statistics(images)) > ref.image_threshold))}  # fmt: skip
         distances[kind] = ref.distance(kind_emb)
+        image_distances[kind] = ref.image_distance(image_statistics(images))
     real_ood = [k for k in flagged if not k.startswith("synthetic")]
     evidence["ood"] = {"kinds": flagged, "flagged_share_all": float(np.mean([flagged[k]["flagged_share"] for k in flagged])),
                        "flagged_share_not_xray_like": float(np.mean([flagged[k]["flagged_share"] for k in real_ood])),
                        "threshold": ref.ood_threshold}  # fmt: skip
-    plots["drift-distances.png"] = distance_png(distances, ref.ood_threshold, artifact.name)
+    plots["drift-distances.png"] = distance_png(distances, ref.ood_threshold, artifact.name,
+                                                "embedding: T² in the reference PCA + residual / its reference mean")
+    plots["drift-image-distances.png"] = distance_png(image_distances, ref.image_threshold, artifact.name,
+                                                      "image statistics: squared Mahalanobis distance (Ledoit-Wolf)")
     evidence["cost"] = model_stage_cost(artifact, ref, val.images)
     evidence["seconds"] = round(time.monotonic() - started, 1)
 
@@ -223,7 +250,7 @@ def model_stage_cost(artifact, ref: Reference, images: np.ndarray, batch: int = 
         plain.append(time.perf_counter() - start)
         start = time.perf_counter()
         _, emb = artifact.predict_with_embeddings(images, batch)
-        ref.gate(emb)
+        ref.gate(emb, images)
         ref.project(emb)
         drift.append(time.perf_counter() - start)
     return {"images": len(images), "batch": batch, "plain_s_per_image": min(plain) / len(images),
@@ -231,7 +258,7 @@ def model_stage_cost(artifact, ref: Reference, images: np.ndarray, batch: int = 
             "load_average": os.getloadavg()}  # fmt: skip
 
 
-def distance_png(distances: dict[str, np.ndarray], threshold: float, title: str) -> bytes:
+def distance_png(distances: dict[str, np.ndarray], threshold: float, title: str, xlabel: str) -> bytes:
     """Box plots of the gate's distance per kind of input, log scale, with the threshold."""
     from matplotlib.figure import Figure
 
@@ -241,7 +268,7 @@ def distance_png(distances: dict[str, np.ndarray], threshold: float, title: str)
     ax.boxplot([np.maximum(distances[n], 1e-3) for n in names], vert=False, tick_labels=names, showfliers=True)
     ax.axvline(threshold, color="#c44e52", linestyle="--", label=f"out-of-distribution threshold {threshold:.0f}")
     ax.set_xscale("log")
-    ax.set_xlabel("distance of the embedding: T² in the reference PCA + residual / its reference mean")
+    ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

@@ -168,7 +168,8 @@ def cmd_drift_reference(args: argparse.Namespace) -> None:
     print(f"drift reference: {record['n_images']} validation images of {record['n_patients']} patients, "
           f"{record['n_vectors']} embeddings ({record['embedding_dim']} dimensions, {record['pca_components']} principal "
           f"components, {record['explained_variance_ratio']:.0%} of the variance); out of distribution beyond "
-          f"{ood['threshold']:.1f} ({ood['held_out_flagged']:.1%} of held-out reference images) → {args.out}")  # fmt: skip
+          f"{ood['threshold']:.1f}" + (f" or image statistics beyond {ood['image_threshold']:.1f}" if "image_threshold" in ood else "")
+          + f" ({ood['held_out_flagged']:.1%} of held-out reference images) → {args.out}")  # fmt: skip
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

@@ -7,11 +7,12 @@ errors that name the key, so a typo in a ConfigMap fails at submit time, not aft
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pneumonet.errors import ConfigError
 
@@ -216,11 +217,21 @@ class DriftConfig(_Strict):
         0.99, gt=0.5, lt=1.0, description="An image is out of distribution beyond this quantile of held-out reference distances."
     )
     alpha: float = Field(0.01, gt=0.0, lt=0.5, description="Family-wise error rate of the window tests (Holm-corrected).")
-    permutations: int = Field(1000, ge=100, description="Permutations of the MMD test (its smallest p-value is 1/(permutations+1)).")
+    permutations: int = Field(
+        1000, ge=100, description="Resamples of the window tests' patient-grouped bootstrap (the smallest p-value is 1/(permutations+1))."
+    )
     min_images: int = Field(50, ge=10, description="Fewer scored images in a window: no verdict ('insufficient data').")
     sample: int = Field(1000, ge=10, description="Batch scoring: the tests run on a uniform sample of at most this many images.")
     window: int = Field(500, ge=10, description="Endpoint: the most recent images each replica tests (a bounded window).")
     check_every: int = Field(50, ge=1, description="Endpoint: re-test the window after this many new images (log + metric on a turn).")
+
+    @model_validator(mode="after")
+    def _can_alarm(self) -> DriftConfig:
+        """Holm over three tests needs a p-value of alpha/3; a bootstrap p-value is at least 1/(permutations+1)."""
+        if (self.permutations + 1) * self.alpha < 3:
+            raise ValueError(f"drift.permutations={self.permutations} can never give a p-value of alpha/3 = {self.alpha / 3:.4g} "
+                             f"(Holm over three tests): at least {math.ceil(3 / self.alpha) - 1} are needed for alpha {self.alpha}")
+        return self
 
 
 class Config(_Strict):

@@ -571,8 +571,9 @@ def drift_model_uri(tmp_path_factory: pytest.TempPathFactory, model_uri: str) ->
     root = synthesize_dataset(tmp_path_factory.mktemp("reference"), n=240, size=48, seed=21)
     uris = [str(p) for p in sorted(root.rglob("*.jpeg"))]
     artifact = load_artifact(model_uri)
-    raw, embeddings = artifact.predict_with_embeddings(decoded(uris))
-    ref, record = build_reference(raw, embeddings, np.arange(len(uris)) // 2, config().drift)
+    images = decoded(uris)
+    raw, embeddings = artifact.predict_with_embeddings(images)
+    ref, record = build_reference(raw, embeddings, np.arange(len(uris)) // 2, config().drift, images=images)
     record, files = reference_files(ref, record)
     return derive_artifact(artifact, {**artifact.meta, DRIFT_KEY: record}, str(tmp_path_factory.mktemp("m") / "drift"), files)
 
@@ -589,8 +590,9 @@ def test_every_row_is_gated_and_the_summary_tests_a_uniform_sample_against_the_r
     frame = read_output(output).set_index("uri")
     artifact, ref = load_artifact(drift_model_uri), read_reference(drift_model_uri, load_artifact(drift_model_uri).meta)
     good = frame[frame["error"].isna()]
-    raw, embeddings = artifact.predict_with_embeddings(decoded(list(good.index)))
-    inside, _ = ref.gate(embeddings)
+    images = decoded(list(good.index))
+    raw, embeddings = artifact.predict_with_embeddings(images)
+    inside, _ = ref.gate(embeddings, images)
     assert good["in_distribution"].tolist() == inside.tolist()  # the gate of exactly these images
     assert (good["ood_reason"].notna() == ~good["in_distribution"].astype(bool)).all()
     assert frame.loc[frame["error"].notna(), "in_distribution"].isna().all()

@@ -104,7 +104,7 @@ def drift_model_uri(model_uri: str, tmp_path_factory: pytest.TempPathFactory) ->
     artifact = load_artifact(model_uri)
     images = np.stack([load_image(data, "x.jpeg", SIZE) for data in synthetic_chests(tmp_path_factory.mktemp("ref"), 31)])
     raw, embeddings = artifact.predict_with_embeddings(images)
-    ref, record = build_reference(raw, embeddings, np.arange(len(images)), load_config().drift)
+    ref, record = build_reference(raw, embeddings, np.arange(len(images)), load_config().drift, images=images)
     record, files = reference_files(ref, record)
     return derive_artifact(artifact, {**artifact.meta, DRIFT_KEY: record}, str(tmp_path_factory.mktemp("m") / "drift"), files)
 
@@ -425,8 +425,9 @@ def test_each_image_is_gated_and_the_window_of_recent_images_has_a_verdict(endpo
 
     chests = synthetic_chests(tmp_path, 32)[:40]
     results = [r for start in range(0, 40, 4) for r in batch(chests[start : start + 4])]
-    _, embeddings = artifact.predict_with_embeddings(np.stack([load_image(d, "x.jpeg", SIZE) for d in chests]))
-    assert [r["in_distribution"] for r in results] == ref.gate(embeddings)[0].tolist()
+    images = np.stack([load_image(d, "x.jpeg", SIZE) for d in chests])
+    _, embeddings = artifact.predict_with_embeddings(images)
+    assert [r["in_distribution"] for r in results] == ref.gate(embeddings, images)[0].tolist()
     assert all(("ood_reason" in r) == (not r["in_distribution"]) for r in results)
     calm = requests.get(f"{url}/v1/drift", timeout=TIMEOUT).json()
     assert calm["verdict"] == "no drift" and calm["window"] == {"images": 40, "capacity": 40}, calm

@@ -370,3 +370,4 @@ def test_finish_stores_a_drift_reference_of_the_validation_patients(data, tmp_pa
     raw, embeddings = artifact.predict_with_embeddings(data.val.images)
     np.testing.assert_allclose(ref.scores, raw, atol=1e-5)  # the validation images' own scores, in order
     assert ref.projected.shape == (len(raw), record["pca_components"]) and embeddings.shape[1] == record["embedding_dim"]
+    assert ref.checks_images and record["ood"]["image_threshold"] == ref.image_threshold  # the image gate too

@@ -33,7 +33,7 @@ def add_reference(model_uri: str, data_root: str, out_uri: str, config: Config |
     config = config or Config.model_validate(artifact.meta["config"])
     images = decode_split(artifact, data_root, "val", config.data)
     raw, embeddings = artifact.predict_with_embeddings(images.images)
-    ref, record = build_reference(raw, embeddings, images.rows["patient_id"].to_numpy(), config.drift, config.seed)
+    ref, record = build_reference(raw, embeddings, images.rows["patient_id"].to_numpy(), config.drift, config.seed, images.images)
     record, files = reference_files(ref, record)
     record.update(source={"uri": str(model_uri), "name": artifact.name, "version": artifact.version},
                   data_root=data_root, unreadable=len(images.failures), added_at=datetime.now(UTC).isoformat(timespec="seconds"))  # fmt: skip

@@ -101,7 +101,7 @@ class Scorer:
 
     With a drift reference in the artifact, the same forward pass gives each image's embedding: every
     row gets ``in_distribution`` (and ``ood_reason`` when false), and the rows whose URI falls into the
-    job's uniform sample (``sample_rate``) carry their raw score and whitened embedding to the writer.
+    job's uniform sample (``sample_rate``) carry their raw score and projected embedding to the writer.
     Nothing is kept between batches: constant memory per actor.
     """
 
@@ -161,7 +161,7 @@ class Scorer:
         if ok.any():
             raw[ok], embeddings = self.artifact.predict_with_embeddings(chosen, batch_size=len(chosen))
             probs[ok] = self.artifact.calibrated(raw[ok].astype(np.float32))
-            inside[ok], gated = reference.gate(embeddings)
+            inside[ok], gated = reference.gate(embeddings, chosen)
             for index, reason in zip(np.flatnonzero(ok), gated):
                 reasons[index] = reason
             projection[ok] = reference.project(embeddings)

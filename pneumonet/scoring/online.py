@@ -153,7 +153,7 @@ class _Scored:
 
 
 class DriftWindow:
-    """A replica's bounded window of recent images (raw score, whitened embedding, gate) and its verdict.
+    """A replica's bounded window of recent images (raw score, projected embedding, gate) and its verdict.
 
     Re-tested every ``check_every`` images; a turn of the verdict is logged and exported as metrics.
     """
@@ -172,9 +172,9 @@ class DriftWindow:
         self._turns.set_default_tags(tags)
         self._gauge.set(0)
 
-    def add(self, raw: np.ndarray, embeddings: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
+    def add(self, raw: np.ndarray, embeddings: np.ndarray, images: np.ndarray | None) -> tuple[np.ndarray, list[str | None]]:
         """Gate the images of one model call and put them in the window; re-test it when it is time."""
-        inside, reasons = self.reference.gate(embeddings)
+        inside, reasons = self.reference.gate(embeddings, images)
         for item in zip(raw.tolist(), self.reference.project(embeddings), inside.tolist()):
             self.items.append(item)
         self._since += len(raw)
@@ -287,7 +287,7 @@ class PneumonetModel:
         self._model_failures = 0
         if drift is None:
             return [_Scored(float(p), len(tickets)) for p in probs]
-        inside, reasons = self._drift.add(*drift)
+        inside, reasons = self._drift.add(*drift, images)
         return [_Scored(float(p), len(tickets), bool(ok), why) for p, ok, why in zip(probs, inside, reasons)]
 
     def _overloaded(self, why: str) -> ApiError:

@@ -12,7 +12,7 @@ One job writes to one output at a time.
 
 Beside each part, a *drift sample* ``_drift/<part name>`` may hold the few of its rows that fall into
 the job's uniform sample (:func:`pneumonet.evaluation.drift.sample_key` below the job's rate) with
-what the window tests need: the raw score and the whitened embedding. It is written by the same task
+what the window tests need: the raw score and the projected embedding. It is written by the same task
 just before its part, so the sample grows with the output and costs the driver nothing per file.
 """
 

@@ -52,7 +52,8 @@ def drift_reference(model: keras.Model, probs: np.ndarray, images: ImageSet, con
     (with a warning) when the split is too small to hold one out five ways."""
     embeddings = predict_batches(embedding_model(model), images.images, config.train.batch_size)
     try:
-        ref, record = build_reference(probs, embeddings, images.rows["patient_id"].to_numpy(), config.drift, config.seed)
+        ref, record = build_reference(probs, embeddings, images.rows["patient_id"].to_numpy(), config.drift, config.seed,
+                                      images.images)
     except ValueError as exc:
         log.warning("no drift reference in this artifact: %s", exc)
         return {}, {}
