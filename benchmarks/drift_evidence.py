@@ -265,7 +265,7 @@ def distance_png(distances: dict[str, np.ndarray], threshold: float, title: str,
     fig = Figure(figsize=(7, 4), dpi=100)
     ax = fig.add_subplot()
     names = list(distances)
-    ax.boxplot([np.maximum(distances[n], 1e-3) for n in names], vert=False, tick_labels=names, showfliers=True)
+    ax.boxplot([np.maximum(distances[n], 1e-3) for n in names], orientation="horizontal", tick_labels=names, showfliers=True)
     ax.axvline(threshold, color="#c44e52", linestyle="--", label=f"out-of-distribution threshold {threshold:.0f}")
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
