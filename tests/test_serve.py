@@ -421,7 +421,9 @@ def test_each_image_is_gated_and_the_window_of_recent_images_has_a_verdict(endpo
 
     def batch(images: list[bytes]) -> list[dict]:
         files = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
-        return post(f"{url}/v1/predict/batch", files=files).json()["results"]
+        response = post(f"{url}/v1/predict/batch", files=files)
+        assert "results" in response.json(), (response.status_code, response.text)
+        return response.json()["results"]
 
     chests = synthetic_chests(tmp_path, 32)[:40]
     results = [r for start in range(0, 40, 4) for r in batch(chests[start : start + 4])]
