@@ -2,8 +2,8 @@
 
 Framework-free on purpose (the endpoint in :mod:`pneumonet.scoring.online` wires it to FastAPI),
 so every refusal is a plain :class:`ApiError` with the status code and a message for the client.
-Multipart bodies are parsed here with the standard library rather than python-multipart, which
-is not a dependency; the body is already bounded by the size limit when it is parsed.
+Multipart bodies are parsed by python-multipart (the parser Starlette's own ``request.form()`` uses),
+fed the body that is already bounded by the size limit; what it finds malformed is a 400.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import hmac
 import os
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from email.parser import BytesHeaderParser
-from email.policy import HTTP
-from itertools import pairwise
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from pneumonet.errors import ConfigError
 
@@ -92,49 +91,59 @@ async def read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
 
 
 def _boundary(content_type: str) -> bytes:
-    header = BytesHeaderParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode("latin-1"))
-    boundary = header.get_param("boundary")
-    if not isinstance(boundary, str) or not boundary or len(boundary) > 200:
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary", b"")
+    if not boundary or len(boundary) > 200:
         raise ApiError(400, "multipart/form-data request without a valid boundary parameter")
-    return boundary.encode("latin-1")
+    return boundary
 
 
-def _delimiters(data: bytes, delimiter: bytes) -> list[tuple[int, bool]]:
-    """(offset, closing?) of each real delimiter: one followed by ``--``, whitespace or CRLF, so a
-    part holding ``--boundaryX`` is not cut there."""
-    found = []
-    start = data.find(delimiter)
-    while start >= 0:
-        after = data[start + len(delimiter) : start + len(delimiter) + 2]
-        if after == b"--" or after == b"\r\n" or after[:1] in (b" ", b"\t"):
-            found.append((start, after == b"--"))
-        start = data.find(delimiter, start + 1)
-    return found
+class _Parts:
+    """python-multipart's callbacks, collecting each part's headers and bytes."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[dict[bytes, bytes], bytes]] = []
+        self.ended = False
+        self._headers: dict[bytes, bytes] = {}
+        self._name, self._value, self._data = bytearray(), bytearray(), bytearray()
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self._begin, "on_part_data": lambda d, s, e: self._data.extend(d[s:e]),
+            "on_part_end": lambda: self.parts.append((self._headers, bytes(self._data))),
+            "on_header_field": lambda d, s, e: self._name.extend(d[s:e]),
+            "on_header_value": lambda d, s, e: self._value.extend(d[s:e]),
+            "on_header_end": self._header_end, "on_end": lambda: setattr(self, "ended", True),
+        }  # fmt: skip
+
+    def _begin(self) -> None:
+        self._headers, self._data = {}, bytearray()
+
+    def _header_end(self) -> None:
+        self._headers[bytes(self._name).lower()] = bytes(self._value)
+        self._name, self._value = bytearray(), bytearray()
 
 
 def parse_multipart(body: bytes, content_type: str) -> list[Upload]:
     """The parts of a ``multipart/form-data`` body (RFC 7578), in order."""
-    delimiter = b"\r\n--" + _boundary(content_type)
-    data = b"\r\n" + body
-    marks = _delimiters(data, delimiter)
-    closing = next((i for i, (_, close) in enumerate(marks) if close), None)
-    if closing is None:
+    found = _Parts()
+    parser = MultipartParser(_boundary(content_type), found.callbacks())
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise ApiError(400, f"malformed multipart/form-data body ({exc})") from None
+    if not found.ended:
         raise ApiError(400, "malformed multipart/form-data body (no closing boundary)")
     uploads = []
-    for (start, _), (end, _) in pairwise(marks[: closing + 1]):
-        section = data[start + len(delimiter) : end]
-        line_end = section.find(b"\r\n")
-        head, separator, content = section[line_end + 2 :].partition(b"\r\n\r\n")
-        if line_end < 0 or not separator:
-            raise ApiError(400, "malformed multipart/form-data body (a part without headers)")
-        headers = BytesHeaderParser(policy=HTTP).parsebytes(head + b"\r\n\r\n")
-        disposition = headers.get("content-disposition", "")
-        field = headers.get_param("name", header="content-disposition")
-        if not disposition.lower().startswith("form-data") or not isinstance(field, str):
+    for headers, content in found.parts:
+        disposition, params = parse_options_header(headers.get(b"content-disposition", b""))
+        if disposition != b"form-data" or b"name" not in params:
             raise ApiError(400, "malformed multipart/form-data body (a part without a form-data name)")
-        filename = headers.get_param("filename", header="content-disposition")
-        part_type = media_type(headers.get("content-type"))
-        uploads.append(Upload(field, filename if isinstance(filename, str) else None, content, part_type))
+        filename = params.get(b"filename")
+        part_type = media_type(headers.get(b"content-type", b"").decode("latin-1"))
+        uploads.append(Upload(params[b"name"].decode("utf-8", "replace"),
+                              None if filename is None else filename.decode("utf-8", "replace"), content, part_type))  # fmt: skip
     return uploads
 
 
