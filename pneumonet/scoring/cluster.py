@@ -17,7 +17,8 @@ from pneumonet import errors
 INLINE_RESULT_BYTES = 8192
 INLINE_RESULT_ENV = "RAY_max_direct_call_object_size"
 
-# How a Pneumonet error raised inside a Ray task reads in the driver's exception text.
+# How a Pneumonet error raised inside a Ray task reads in the driver's exception text. Parsed
+# because Ray Data hands the driver only that text, not the task's exception object or its kind.
 _REMOTE_ERROR = re.compile(r"^pneumonet\.errors\.(\w+): (.+)$", re.MULTILINE)
 
 # The environment of every Ray process of the online endpoint, set where Ray starts (the
